@@ -1,0 +1,12 @@
+"""fusedlm: fused transformer kernels (Triton, CUDA C++, C++ CPU) as PyTorch custom ops.
+
+Data path: model -> fusedlm.<op> (python/fusedlm/ops/<op>.py) -> custom op (dispatcher)
+-> kernel (kernels/<op>.py for Triton, csrc/{cpu,cuda}/<op>.* for C++).
+"""
+from fusedlm import reference
+from fusedlm.dispatch import BackendError, available_backends
+from fusedlm.ops import layer_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "available_backends", "layer_norm", "reference"]

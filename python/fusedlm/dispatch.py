@@ -1,0 +1,122 @@
+"""Backend choice for every op.
+
+`backend` is one of "auto", "cpu", "cuda", "triton", "reference".
+
+- "cpu":  the C++ CPU kernels of fusedlm._C; CPU tensors only.
+- "cuda": the CUDA C++ kernels of fusedlm._C (built when torch is a CUDA build); CUDA tensors only.
+- "triton": the Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+- "reference": plain PyTorch (fusedlm.reference); any device.
+- "auto": CUDA tensors take the GPU backend the benchmark suite measured faster for that op
+  (`AUTO_GPU`); CPU tensors take "cpu", or "reference" where the extension was not built.
+
+Asking for a backend that cannot run the given tensors raises `BackendError` (a ValueError)
+that names the op, the backend and the reason; there is no silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+# Which GPU backend "auto" takes per op, from benchmarks/RESULTS.md (the faster one on an H200).
+AUTO_GPU = {
+    "layer_norm": ("cuda", "triton"),
+}
+
+try:  # importing _C registers every C++ op with the dispatcher
+    from fusedlm import _C  # noqa: F401
+
+    _C_ERROR = None
+except ImportError as exc:  # the extension was not built
+    _C = None
+    _C_ERROR = str(exc)
+
+
+class BackendError(ValueError):
+    """A backend was asked for that cannot run the given tensors."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def has_cpp_kernel(op: str, device_type: str) -> bool:
+    """True when fusedlm._C registered `fusedlm::<op>` for this device ("CPU" or "CUDA")."""
+    if _C is None:
+        return False
+    name = f"fusedlm::{op}"
+    if not torch._C._dispatch_has_kernel(name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, device_type)
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run on this machine, e.g. {"cpu": True, "cuda": False, "triton": False, "reference": True}."""
+    gpu = torch.cuda.is_available()
+    return {
+        "cpu": _C is not None,
+        "cuda": gpu and has_cpp_kernel("layer_norm_fwd", "CUDA"),
+        "triton": _triton_importable() and (gpu or triton_interpret()),
+        "reference": True,
+    }
+
+
+def _cannot(op: str, backend: str, reason: str) -> BackendError:
+    return BackendError(f"{op}: backend={backend!r} cannot run these inputs: {reason}")
+
+
+def resolve(op: str, backend: str, device: torch.device, native_op: str | None, triton: bool) -> str:
+    """Return the concrete backend for `op` on tensors of `device`.
+
+    native_op: the fusedlm._C op name that carries the CPU/CUDA kernels (e.g. "layer_norm_fwd"),
+    or None when the op has no C++ kernel yet. triton: whether the op has a Triton kernel.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    dev = device.type
+    if backend == "auto":
+        if dev == "cuda":
+            for choice in AUTO_GPU.get(op, ()):
+                if choice == "cuda" and native_op and has_cpp_kernel(native_op, "CUDA"):
+                    return "cuda"
+                if choice == "triton" and triton and _triton_importable():
+                    return "triton"
+            return "reference"
+        if dev == "cpu" and native_op and has_cpp_kernel(native_op, "CPU"):
+            return "cpu"
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend == "cpu":
+        if dev != "cpu":
+            raise _cannot(op, backend, f"the tensors are on {device}, the cpu backend takes CPU tensors")
+        if _C is None:
+            raise _cannot(op, backend, f"the extension fusedlm._C is not built ({_C_ERROR})")
+        if not native_op or not has_cpp_kernel(native_op, "CPU"):
+            raise _cannot(op, backend, "this op has no C++ CPU kernel")
+        return backend
+    if backend == "cuda":
+        if dev != "cuda":
+            raise _cannot(op, backend, f"the tensors are on {device}, the cuda backend takes CUDA tensors")
+        if not native_op or not has_cpp_kernel(native_op, "CUDA"):
+            raise _cannot(op, backend, "fusedlm._C was built without CUDA kernels for this op")
+        return backend
+    # triton
+    if not triton:
+        raise _cannot(op, backend, "this op has no Triton kernel")
+    if not _triton_importable():
+        raise _cannot(op, backend, "triton is not installed")
+    if dev == "cpu" and not triton_interpret():
+        raise _cannot(op, backend, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    if dev not in ("cpu", "cuda"):
+        raise _cannot(op, backend, f"Triton does not run on {device}")
+    return backend

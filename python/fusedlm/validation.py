@@ -1,0 +1,46 @@
+"""Input checks shared by the public ops. Every message names the op and the argument:
+`attention: q must be 4-D (B, H, N, D), got shape (2, 8, 64)`."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, ndim=None, min_ndim=None, allow_empty=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {_shape(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dimension(s), got shape {_shape(t)}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty, got shape {_shape(t)}")
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor, *, dtype=True, device=True):
+    if device and t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: {name} must have the dtype of {ref_name} ({str(ref.dtype).replace('torch.', '')}), "
+            f"got {str(t.dtype).replace('torch.', '')}"
+        )
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = ""):
+    if tuple(t.shape) != tuple(expected):
+        exp = "(" + ", ".join(str(s) for s in expected) + ")"
+        raise ValueError(f"{op}: {name} must have shape {exp}{what}, got {_shape(t)}")
+
+
+def check_choice(op: str, name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
