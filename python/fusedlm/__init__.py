@@ -5,8 +5,18 @@ Data path: model -> fusedlm.<op> (python/fusedlm/ops/<op>.py) -> custom op (disp
 """
 from fusedlm import reference
 from fusedlm.dispatch import BackendError, available_backends
-from fusedlm.ops import layer_norm
+from fusedlm.ops import attention, layer_norm, layernorm_mlp, linear_cross_entropy, lm_head_softmax, sample
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "available_backends", "layer_norm", "reference"]
+__all__ = [
+    "BackendError",
+    "attention",
+    "available_backends",
+    "layer_norm",
+    "layernorm_mlp",
+    "linear_cross_entropy",
+    "lm_head_softmax",
+    "reference",
+    "sample",
+]

@@ -7,8 +7,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def fmt_shape(shape) -> str:
+    """(2, 8, 64) and (64,) as Python prints tuples."""
+    return str(tuple(int(s) for s in shape))
+
+
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return fmt_shape(t.shape)
 
 
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, ndim=None, min_ndim=None, allow_empty=False):
@@ -37,8 +42,7 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Te
 
 def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str = ""):
     if tuple(t.shape) != tuple(expected):
-        exp = "(" + ", ".join(str(s) for s in expected) + ")"
-        raise ValueError(f"{op}: {name} must have shape {exp}{what}, got {_shape(t)}")
+        raise ValueError(f"{op}: {name} must have shape {fmt_shape(expected)}{what}, got {_shape(t)}")
 
 
 def check_choice(op: str, name: str, value, choices):

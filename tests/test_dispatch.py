@@ -1,0 +1,113 @@
+"""Backend choice and input checks of the public ops (the kernels' numerics are tested per op)."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import dispatch
+
+
+def test_available_backends_shape():
+    got = fusedlm.available_backends()
+    assert set(got) == {"cpu", "cuda", "triton", "reference"}
+    assert got["reference"] is True
+    assert got["cuda"] == (torch.cuda.is_available() and dispatch.has_cpp_kernel("layer_norm_fwd", "CUDA"))
+
+
+def test_extension_is_built_here():
+    """make test builds fusedlm._C first; a missing extension must fail loudly, not skip."""
+    assert dispatch._C is not None, dispatch._C_ERROR
+    assert fusedlm.available_backends()["cpu"]
+
+
+def test_auto_takes_the_cpu_kernel_for_cpu_tensors():
+    assert dispatch.resolve("layer_norm", "auto", torch.device("cpu"), "layer_norm_fwd", True) == "cpu"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not dispatch._triton_importable():
+        pytest.skip("needs the triton package (not installed)")
+    with pytest.raises(fusedlm.BackendError, match="layer_norm: backend='triton'.*TRITON_INTERPRET=1"):
+        dispatch.resolve("layer_norm", "triton", torch.device("cpu"), "layer_norm_fwd", True)
+
+
+def _small_inputs():
+    return {
+        "attention": lambda b: fusedlm.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 1, 7, 8),
+                                                 torch.randn(1, 1, 7, 8), causal=True, backend=b),
+        "layernorm_mlp": lambda b: fusedlm.layernorm_mlp(torch.randn(3, 8), torch.ones(8), torch.zeros(8),
+                                                         torch.randn(16, 8), None, torch.randn(8, 16), None,
+                                                         backend=b),
+        "linear_cross_entropy": lambda b: fusedlm.linear_cross_entropy(torch.randn(3, 8), torch.randn(11, 8),
+                                                                       torch.tensor([0, 5, -100]), backend=b),
+        "lm_head_softmax": lambda b: fusedlm.lm_head_softmax(torch.randn(3, 8), torch.randn(11, 8), backend=b),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_small_inputs()))
+def test_ops_without_kernels_run_the_reference_and_refuse_kernel_backends(op):
+    call = _small_inputs()[op]
+    torch.manual_seed(1)
+    auto = call("auto")
+    torch.manual_seed(1)
+    ref = call("reference")
+    torch.testing.assert_close(auto, ref)
+    for backend in ("cpu", "triton"):
+        with pytest.raises(fusedlm.BackendError, match=f"{op}: backend='{backend}'"):
+            call(backend)
+
+
+ATTN_BAD = [
+    (dict(q=torch.randn(2, 8, 64)), ValueError, r"attention: q must be 4-D \(B, H, N, D\), got shape \(2, 8, 64\)"),
+    (dict(k=torch.randn(2, 3, 7, 16), v=torch.randn(2, 3, 7, 16)), ValueError,
+     r"attention: q heads \(4\) must be a multiple of k/v heads \(3\)"),
+    (dict(k=torch.randn(3, 2, 7, 16), v=torch.randn(3, 2, 7, 16)), ValueError, "attention: k must have q's batch size 2"),
+    (dict(k=torch.randn(2, 2, 7, 8), v=torch.randn(2, 2, 7, 8)), ValueError, "attention: k must have q's head dim 16"),
+    (dict(q=torch.randint(0, 3, (2, 4, 5, 16))), TypeError, "attention: q must have dtype"),
+    (dict(q=torch.randn(2, 4, 5, 272), k=torch.randn(2, 2, 7, 272), v=torch.randn(2, 2, 7, 272)), ValueError,
+     "attention: head dim must be <= 256"),
+]
+
+
+@pytest.mark.parametrize("over,exc,msg", ATTN_BAD)
+def test_attention_bad_inputs(over, exc, msg):
+    args = dict(q=torch.randn(2, 4, 5, 16), k=torch.randn(2, 2, 7, 16), v=torch.randn(2, 2, 7, 16))
+    args.update(over)
+    with pytest.raises(exc, match=msg):
+        fusedlm.attention(args["q"], args["k"], args["v"])
+
+
+def test_layernorm_mlp_bad_inputs():
+    x, nw, fw, pw = torch.randn(3, 8), torch.ones(8), torch.randn(15, 8), torch.randn(8, 15)
+    with pytest.raises(ValueError, match="layernorm_mlp: a gated activation .* odd height 15"):
+        fusedlm.layernorm_mlp(x, nw, None, fw, None, pw, None, activation="swiglu")
+    with pytest.raises(ValueError, match="layernorm_mlp: rmsnorm takes no norm_bias"):
+        fusedlm.layernorm_mlp(x, nw, torch.zeros(8), fw, None, pw, None, norm="rmsnorm")
+    with pytest.raises(ValueError, match="layernorm_mlp: activation must be one of"):
+        fusedlm.layernorm_mlp(x, nw, None, fw, None, pw, None, activation="tanh")
+    with pytest.raises(ValueError, match=r"layernorm_mlp: proj_weight must have shape \(8, 15\)"):
+        fusedlm.layernorm_mlp(x, nw, None, fw, None, pw.t(), None)
+    with pytest.raises(TypeError, match="layernorm_mlp: x must have dtype"):
+        fusedlm.layernorm_mlp(x.long(), nw, None, fw, None, pw, None)
+
+
+def test_linear_cross_entropy_bad_inputs():
+    x, w = torch.randn(3, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: target holds 11, outside \[0, 11\)"):
+        fusedlm.linear_cross_entropy(x, w, torch.tensor([0, 11, 2]))
+    with pytest.raises(TypeError, match="linear_cross_entropy: target must have dtype"):
+        fusedlm.linear_cross_entropy(x, w, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: weight must have shape \(V, 8\)"):
+        fusedlm.linear_cross_entropy(x, torch.randn(11, 7), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="linear_cross_entropy: reduction must be one of"):
+        fusedlm.linear_cross_entropy(x, w, torch.tensor([0, 1, 2]), reduction="avg")
+
+
+def test_sample_bad_options():
+    x, w = torch.randn(3, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match="sample: top_k must be a positive integer"):
+        fusedlm.sample(x, w, top_k=0)
+    with pytest.raises(ValueError, match=r"sample: top_p must be in \(0, 1\]"):
+        fusedlm.sample(x, w, top_p=1.5)
+    with pytest.raises(ValueError, match="sample: temperature must be >= 0"):
+        fusedlm.sample(x, w, temperature=-1.0)

@@ -1,0 +1,192 @@
+"""fusedlm.layer_norm on every kernel backend against the float64 reference (error-budget rule)."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from harness import HAS_GPU, assert_within_budget, backend_device, backend_params
+
+SHAPES = [(1, 17), (97, 123), (128, 768), (1025, 97), (3, 5, 64)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 is kept out of CPU paths (fp16 CPU math is hundreds of times slower; DESIGN.md)")
+    if backend == "triton" and not HAS_GPU and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is wrong in the Triton interpreter (no GPU here)")
+
+
+def _inputs(shape, dtype, device, bias, residual, mean=0.0):
+    n = shape[-1]
+    x = (torch.randn(shape, dtype=torch.float64) + mean).to(device)
+    w = (1 + 0.5 * torch.randn(n, dtype=torch.float64)).to(device)
+    b = (0.5 * torch.randn(n, dtype=torch.float64)).to(device) if bias else None
+    r = torch.randn(shape, dtype=torch.float64).to(device) if residual else None
+    # Round to the test dtype once, so every path sees the same values.
+    cast = [t.to(dtype) if t is not None else None for t in (x, w, b, r)]
+    return cast
+
+
+def _run(fn, x, w, b, r, gy, gh, **kw):
+    """Forward and backward with upstream gradients gy (for y) and gh (for h); returns outputs and grads."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b, r)]
+    out = fn(*leaves[:3], residual=leaves[3], **kw)
+    y, h = out if leaves[3] is not None else (out, None)
+    loss = (y.double() * gy).sum()
+    if h is not None:
+        loss = loss + (h.double() * gh).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return (y, h), grads
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True), (False, False)])
+def test_layer_norm_matches_reference(backend, dtype, shape, norm, bias, residual):
+    _skip_unsupported(backend, dtype)
+    if norm == "rmsnorm" and bias:
+        bias = False
+    device = backend_device(backend)
+    x, w, b, r = _inputs(shape, dtype, device, bias, residual)
+    gy = torch.randn(shape, dtype=torch.float64, device=device)
+    gh = torch.randn(shape, dtype=torch.float64, device=device)
+
+    def ref(*a, **k):
+        return reference.layer_norm(*a, norm=norm, **k)
+
+    (y, h), grads = _run(fusedlm.layer_norm, x, w, b, r, gy, gh, norm=norm, backend=backend)
+    (y64, h64), grads64 = _run(ref, *[t.double() if t is not None else None for t in (x, w, b, r)], gy, gh)
+    (yt, ht), gradst = _run(ref, x, w, b, r, gy, gh)
+
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_within_budget(y, y64, yt, name="y")
+    if residual:
+        assert_within_budget(h, h64, ht, name="h")
+    names = ["dx", "dweight", "dbias", "dresidual"]
+    present = [n for n, t in zip(names, (x, w, b, r)) if t is not None]
+    for name, g, g64, gt in zip(present, grads, grads64, gradst):
+        assert g.dtype == dtype, f"{name} dtype {g.dtype}"
+        # Weight gradients sum over rows: allow the floor to scale with sqrt(rows).
+        rows = x.numel() // shape[-1]
+        floor = None
+        if name in ("dweight", "dbias"):
+            from harness import ATOL
+
+            floor = ATOL[dtype] * max(1.0, rows ** 0.5)
+        assert_within_budget(g, g64, gt, name=name, atol=floor)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_layer_norm_large_mean_is_accurate(backend):
+    """The variance must be centred (not E[x^2] - E[x]^2): inputs with mean 1e3 and unit spread."""
+    device = backend_device(backend)
+    x, w, b, _ = _inputs((64, 256), torch.float32, device, True, False, mean=1000.0)
+    y = fusedlm.layer_norm(x, w, b, backend=backend)
+    y64 = reference.layer_norm(x.double(), w.double(), b.double())
+    yt = reference.layer_norm(x, w, b)
+    assert_within_budget(y, y64, yt, name="y")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_layer_norm_backward_is_deterministic(backend):
+    device = backend_device(backend)
+    x, w, b, r = _inputs((333, 200), torch.float32, device, True, True)
+    gy = torch.randn(333, 200, dtype=torch.float64, device=device)
+    gh = torch.randn(333, 200, dtype=torch.float64, device=device)
+    _, g1 = _run(fusedlm.layer_norm, x, w, b, r, gy, gh, backend=backend)
+    _, g2 = _run(fusedlm.layer_norm, x, w, b, r, gy, gh, backend=backend)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+def _opcheck_args(device, rms, bias, residual):
+    x, w, b, r = _inputs((37, 48), torch.float32, device, bias, residual)
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("rms,bias,residual", [(False, True, False), (False, False, True), (True, False, True)])
+def test_layer_norm_opcheck(backend, rms, bias, residual):
+    device = backend_device(backend)
+    if backend == "cpu":
+        if not fusedlm.dispatch.has_cpp_kernel("layer_norm_fwd", "CPU"):
+            pytest.fail("fusedlm._C is not built: the cpu backend is missing")
+        fwd, bwd = torch.ops.fusedlm.layer_norm_fwd.default, torch.ops.fusedlm.layer_norm_bwd.default
+    else:
+        fwd, bwd = torch.ops.fusedlm.layer_norm_fwd_triton.default, torch.ops.fusedlm.layer_norm_bwd_triton.default
+    x, w, b, r = _opcheck_args(device, rms, bias, residual)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.library.opcheck(fwd, (x, w, b, r, 1e-5, rms))
+    y, h, mean, rstd = fwd(x.detach(), w.detach(), b, r, 1e-5, rms)
+    dy = torch.randn_like(y)
+    dh = torch.randn_like(y) if residual else None
+    hh = h if residual else x.detach()
+    torch.library.opcheck(bwd, (dy, dh, hh, w.detach(), mean, rstd, rms, bias))
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False))
+def test_layer_norm_torch_compile_fullgraph(backend):
+    device = backend_device(backend)
+    x, w, b, r = _inputs((40, 64), torch.float32, device, True, True)
+
+    def block(x, w, b, r):
+        y, h = fusedlm.layer_norm(x, w, b, residual=r, backend=backend)
+        return (y * 2 + h).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r)]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, w, b, r)]
+    ref = block(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, c in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, c.grad)
+
+
+BAD = [
+    (lambda x, w, b: (x.long(), w, b), TypeError, "layer_norm: x must have dtype"),
+    (lambda x, w, b: (x, w[:-1], b), ValueError, "layer_norm: weight must have shape (64,)"),
+    (lambda x, w, b: (x, w.double(), b), TypeError, "layer_norm: weight must have the dtype of x"),
+    (lambda x, w, b: (x, w, b[:3]), ValueError, "layer_norm: bias must have shape (64,)"),
+    (lambda x, w, b: (x[:0], w, b), ValueError, "layer_norm: x is empty"),
+    (lambda x, w, b: (x, w.reshape(8, 8), b), ValueError, "layer_norm: weight must be 1-D"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + backend_params(cuda=False, triton=False))
+@pytest.mark.parametrize("make,exc,msg", BAD)
+def test_layer_norm_bad_inputs(backend, make, exc, msg):
+    x, w, b = torch.randn(4, 64), torch.randn(64), torch.randn(64)
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        fusedlm.layer_norm(*make(x, w, b), backend=backend)
+
+
+def test_layer_norm_bad_options():
+    x, w, b = torch.randn(4, 64), torch.randn(64), torch.randn(64)
+    with pytest.raises(ValueError, match="layer_norm: norm must be one of"):
+        fusedlm.layer_norm(x, w, b, norm="batchnorm")
+    with pytest.raises(ValueError, match="layer_norm: rmsnorm takes no bias"):
+        fusedlm.layer_norm(x, w, b, norm="rmsnorm")
+    with pytest.raises(ValueError, match=r"layer_norm: residual must have shape \(4, 64\)"):
+        fusedlm.layer_norm(x, w, b, residual=torch.randn(3, 64))
+    with pytest.raises(ValueError, match="layer_norm: backend must be one of"):
+        fusedlm.layer_norm(x, w, b, backend="mkl")
+
+
+def test_layer_norm_backend_that_cannot_run_is_an_error():
+    x, w = torch.randn(4, 64), torch.randn(64)
+    with pytest.raises(fusedlm.BackendError, match="layer_norm: backend='cuda' cannot run"):
+        fusedlm.layer_norm(x, w, backend="cuda")
+
+
+def test_layer_norm_non_contiguous_input():
+    x = torch.randn(64, 12, dtype=torch.float32).t()  # (12, 64) with strides (1, 12)
+    w, b = torch.randn(64), torch.randn(64)
+    y = fusedlm.layer_norm(x, w, b)
+    torch.testing.assert_close(y, reference.layer_norm(x, w, b))
