@@ -59,13 +59,26 @@ def _gencode_flags(torch):
     return archs, flags
 
 
+def _cxx_std(torch):
+    """-std=c++20 when the installed torch's headers demand it (torch >= 2.14), else c++17."""
+    from torch.utils.cpp_extension import include_paths
+
+    for inc in include_paths():
+        aten = os.path.join(inc, "ATen", "ATen.h")
+        if os.path.exists(aten):
+            with open(aten) as f:
+                return "-std=c++20" if "202002L" in f.read() else "-std=c++17"
+    return "-std=c++17"
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.environ.get("FUSEDLM_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    std = _cxx_std(torch)
+    cxx = opt + [std, "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     cpu_sources = glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
     torch_sources = [
         s for s in glob.glob(os.path.join(ROOT, "csrc", "torch", "*.cpp")) if not s.endswith("_cuda.cpp")
@@ -81,7 +94,7 @@ def _extensions():
             + glob.glob(os.path.join(ROOT, "csrc", "torch", "*_cuda.cpp"))
         )
         print(f"fusedlm: building CUDA sources ({why}) for {archs}: {', '.join(cuda_sources)}")
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+        nvcc = opt + [std, "--expt-relaxed-constexpr", "-lineinfo"] + gencode
         ext = CUDAExtension(
             "fusedlm._C",
             sources + cuda_sources,

@@ -4,7 +4,7 @@ import torch
 
 import fusedlm
 from fusedlm import reference
-from harness import HAS_GPU, assert_within_budget, backend_device, backend_params
+from harness import ATOL, HAS_GPU, assert_within_budget, backend_device, backend_params
 
 SHAPES = [(1, 17), (97, 123), (128, 768), (1025, 97), (3, 5, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -71,11 +71,7 @@ def test_layer_norm_matches_reference(backend, dtype, shape, norm, bias, residua
         assert g.dtype == dtype, f"{name} dtype {g.dtype}"
         # Weight gradients sum over rows: allow the floor to scale with sqrt(rows).
         rows = x.numel() // shape[-1]
-        floor = None
-        if name in ("dweight", "dbias"):
-            from harness import ATOL
-
-            floor = ATOL[dtype] * max(1.0, rows ** 0.5)
+        floor = ATOL[dtype] * max(1.0, rows ** 0.5) if name in ("dweight", "dbias") else None
         assert_within_budget(g, g64, gt, name=name, atol=floor)
 
 
@@ -190,3 +186,50 @@ def test_layer_norm_non_contiguous_input():
     w, b = torch.randn(64), torch.randn(64)
     y = fusedlm.layer_norm(x, w, b)
     torch.testing.assert_close(y, reference.layer_norm(x, w, b))
+
+
+@pytest.mark.parametrize("variant", [{"FUSEDLM_CPU_ISA": "scalar"}, {"FUSEDLM_CPU_ISA": "avx512"},
+                                     {"FUSEDLM_CPU_STREAM": "1"}], ids=["scalar", "avx512", "streaming-stores"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(97, 123), (64, 768), (3, 5, 64)], ids=str)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_layer_norm_cpu_code_paths(monkeypatch, variant, dtype, shape, norm):
+    """The CPU kernel's portable fallback, its AVX-512 path and its non-temporal stores, forced one by one."""
+    import fusedlm.dispatch as d
+
+    if not d.has_cpp_kernel("layer_norm_fwd", "CPU"):
+        pytest.fail("fusedlm._C is not built: the cpu backend is missing")
+    if variant.get("FUSEDLM_CPU_ISA") == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    for key, value in variant.items():
+        monkeypatch.setenv(key, value)
+    x, w, b, r = _inputs(shape, dtype, "cpu", norm == "layernorm", True)
+    gy, gh = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+
+    def ref(*a, **k):
+        return reference.layer_norm(*a, norm=norm, **k)
+
+    (y, h), grads = _run(fusedlm.layer_norm, x, w, b, r, gy, gh, norm=norm, backend="cpu")
+    (y64, _), grads64 = _run(ref, *[t.double() if t is not None else None for t in (x, w, b, r)], gy, gh)
+    (yt, _), gradst = _run(ref, x, w, b, r, gy, gh)
+    assert_within_budget(y, y64, yt, name="y")
+    assert torch.equal(h, x + r)
+    rows = x.numel() // shape[-1]
+    for g, g64, gt in zip(grads, grads64, gradst):
+        floor = ATOL[dtype] * max(1.0, rows ** 0.5) if g.dim() == 1 else None
+        assert_within_budget(g, g64, gt, atol=floor)
+
+
+def test_layer_norm_cpp_checks_name_the_op_and_argument():
+    """Calling the C++ op directly (past the Python checks) still gives a clear error, not a crash."""
+    import fusedlm.dispatch as d
+
+    if not d.has_cpp_kernel("layer_norm_fwd", "CPU"):
+        pytest.fail("fusedlm._C is not built: the cpu backend is missing")
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"layer_norm_fwd: weight must have shape \(8,\)"):
+        torch.ops.fusedlm.layer_norm_fwd(x, torch.randn(7), None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="layer_norm_fwd: x must be 2-D"):
+        torch.ops.fusedlm.layer_norm_fwd(x.reshape(2, 2, 8), torch.randn(8), None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="layer_norm_bwd: rstd must have shape"):
+        torch.ops.fusedlm.layer_norm_bwd(x, None, x, torch.randn(8), torch.zeros(4), torch.zeros(3), False, False)

@@ -49,6 +49,8 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# A constant for the life of the process; torch.compile folds it instead of breaking the graph.
+@torch.compiler.assume_constant_result
 def has_cpp_kernel(op: str, device_type: str) -> bool:
     """True when fusedlm._C registered `fusedlm::<op>` for this device ("CPU" or "CUDA")."""
     if _C is None:

@@ -1,0 +1,57 @@
+// Argument checks shared by the CPU and CUDA bindings. Every message names the op and the
+// argument, and prints shapes as Python does: (768,) and (2, 8, 64).
+//
+// Numbers go through std::to_string, never an ostream: on the GPU machine (torch 2.11, g++ 13)
+// formatting a number with an ostream inside the extension segfaults, which turned every shape
+// error into a crash. TORCH_CHECK is given only strings, devices and dtypes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace fusedlm {
+namespace checks {
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// The kernels' dtype tag (an enum with Float32, BFloat16, Float16) of a floating tensor.
+template <typename DType>
+DType kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kHalf:
+      return DType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// A contiguous tensor on `device` of exactly `sizes` and `dtype`; `what` explains the shape.
+inline void check_arg(const char* op, const char* name, const at::Tensor& t, at::Device device,
+                      at::IntArrayRef sizes, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " (the device of the first input), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", shape_str(sizes), what, ", got ",
+              shape_str(t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// The (M, N) matrix every other argument is checked against: on a `device_type` device, with columns.
+inline void check_matrix(const char* op, const char* name, const at::Tensor& t, at::DeviceType device_type) {
+  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ", at::Device(device_type),
+              " tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (M, N), got shape ", shape_str(t.sizes()));
+  TORCH_CHECK(t.size(1) > 0, op, ": ", name, " must have at least one column, got shape ", shape_str(t.sizes()));
+}
+
+}  // namespace checks
+}  // namespace fusedlm

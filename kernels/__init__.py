@@ -1,0 +1,1 @@
+"""Triton kernels of fusedlm, one file per op; installed as the subpackage fusedlm.kernels."""
