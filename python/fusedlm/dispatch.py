@@ -25,6 +25,10 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 # Which GPU backend "auto" takes per op, from benchmarks/RESULTS.md (the faster one on an H200).
 AUTO_GPU = {
     "layer_norm": ("cuda", "triton"),
+    # Not measured yet: the Triton kernel is the only GPU kernel of this op so far.
+    "attention": ("triton",),
+    # Not measured yet: the CUDA C++ kernel is the only GPU kernel of this op so far.
+    "linear_cross_entropy": ("cuda",),
 }
 
 try:  # importing _C registers every C++ op with the dispatcher
@@ -49,16 +53,24 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-# A constant for the life of the process; torch.compile folds it instead of breaking the graph.
+_KERNEL_CACHE: dict = {}
+
+
+# A constant for the life of the process (registration happens when _C is imported): cached,
+# since the dispatcher query costs tens of microseconds per call, and folded by torch.compile
+# instead of breaking the graph.
 @torch.compiler.assume_constant_result
 def has_cpp_kernel(op: str, device_type: str) -> bool:
     """True when fusedlm._C registered `fusedlm::<op>` for this device ("CPU" or "CUDA")."""
-    if _C is None:
-        return False
-    name = f"fusedlm::{op}"
-    if not torch._C._dispatch_has_kernel(name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, device_type)
+    key = (op, device_type)
+    if key not in _KERNEL_CACHE:
+        name = f"fusedlm::{op}"
+        _KERNEL_CACHE[key] = (
+            _C is not None
+            and torch._C._dispatch_has_kernel(name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(name, device_type)
+        )
+    return _KERNEL_CACHE[key]
 
 
 def available_backends() -> dict[str, bool]:

@@ -4,9 +4,44 @@ r"""The softmax output: the vocabulary projection with its softmax.
     lm_head_softmax:      probs = softmax((x W^T + b) / temperature), float32
     sample:               ids ~ probs after top-k / top-p filtering (argmax when temperature == 0)
 
-Backends: "reference" today; the fused kernels, which never hold an (N, V) logits tensor,
-arrive with the softmax-output issue, and until then asking for "cpu", "cuda" or "triton"
-is a BackendError.
+linear_cross_entropy, per token with logits z = x W^T + b (V of them), eps = label_smoothing:
+
+    c = softcap * tanh(z / softcap)   (c = z without softcap)
+    lse = log sum_v exp(c_v)
+    loss = (1 - eps) (lse - c_t) + eps (lse - mean_v c_v) + z_loss * lse^2      (0 when t == ignore_index)
+
+and its gradient, with p = softmax(c) and g the upstream gradient of the token's loss:
+
+    dc_v = g * ((1 + 2 z_loss lse) p_v - (1 - eps) [v == t] - eps / V)
+    dz_v = dc_v * (1 - (c_v / softcap)^2)                    (the softcap's chain rule)
+    dx = dz W,   dW = dz^T x,   db = sum_tokens dz             (dW, db accumulated in float32)
+
+The C++ backends ("cpu", "cuda") never hold the (N, V) logits: they walk the tokens in chunks
+whose float32 logits buffer stays near 64 MiB (csrc/torch/softmax_output_chunks.h); per chunk a
+GEMM writes the logits, one fused row pass (csrc/cpu/softmax_output.cpp: OpenMP + AVX-512;
+csrc/cuda/softmax_output.cu: a block per row) computes max, sum, lse and loss, and in backward
+overwrites the buffer with dz, after which two GEMMs give dx of the chunk and add to dW. Backward
+recomputes the logits instead of storing anything V-sized: saved for backward are x, W, b,
+target and lse (4 bytes per token). Forward costs one GEMM (2NVd flops), backward three.
+
+The C++ op schema:
+
+    linear_cross_entropy_fwd(x, weight, bias?, target, ignore_index, label_smoothing, z_loss, softcap?)
+        -> (loss, lse)
+        x: (N, d) fp32/bf16/fp16 contiguous; weight: (V, d), bias: (V,) of x's dtype; target: (N,) int64.
+        loss: (N,) float32 per token (0 where ignored); lse: (N,) float32 for every token.
+    linear_cross_entropy_bwd(dloss, x, weight, bias?, target, lse, ignore_index, label_smoothing, z_loss,
+                             softcap?, has_bias) -> (dx, dweight, dbias)
+        dloss: (N,) float32, the upstream gradient of each token's loss; dbias is (0,) without bias.
+
+The reduction ("mean" over the non-ignored tokens, 0 when all are ignored; "sum"; "none") is done
+here on the per-token losses, so autograd hands the op a per-token gradient that covers every
+reduction and any upstream scaling. lse is returned with return_lse=True but carries no gradient.
+A target outside [0, V) that is not ignore_index raises for CPU tensors (checked here, except
+under torch.compile); the kernels never read it (that token's loss is NaN, its gradient 0).
+
+Backends for linear_cross_entropy: "cpu", "cuda" and "reference"; "triton" is a BackendError until
+its kernel lands. lm_head_softmax and sample run on the reference only (kernel backends refused).
 """
 from __future__ import annotations
 
@@ -17,6 +52,7 @@ from fusedlm.validation import check_choice, check_same, check_shape, check_tens
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_projection(op, x, weight, bias):
@@ -31,10 +67,59 @@ def _check_projection(op, x, weight, bias):
         check_shape(op, "bias", bias, (weight.shape[0],), " (V,)")
 
 
+# --- fake (meta) implementations and autograd of the C++ ops --------------------------------
+
+def _fwd_fake(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap):
+    n = x.shape[0]
+    return x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+
+
+def _bwd_fake(dloss, x, weight, bias, target, lse, ignore_index, label_smoothing, z_loss, softcap, has_bias):
+    dbias = weight.new_empty((weight.shape[0],)) if has_bias else x.new_empty((0,))
+    return torch.empty_like(x), torch.empty_like(weight), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap = inputs
+    loss, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(x, weight, bias, target, lse)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+
+
+def _backward(ctx, dloss, dlse):
+    x, weight, bias, target, lse = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.fusedlm.linear_cross_entropy_bwd.default(
+        dloss.float().contiguous(), x, weight, bias, target, lse, *ctx.options, bias is not None)
+    return dx, dweight, (dbias if bias is not None else None), None, None, None, None, None
+
+
+if dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CPU") or \
+        dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CUDA"):
+    torch.library.register_fake("fusedlm::linear_cross_entropy_fwd")(_fwd_fake)
+    torch.library.register_fake("fusedlm::linear_cross_entropy_bwd")(_bwd_fake)
+    torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
+
+
+# --- the public functions --------------------------------------------------------------------
+
 def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, backend="auto"):
     """Cross-entropy of the projection x @ weight.T + bias against target, as
-    F.cross_entropy(F.linear(x, weight, bias), target, ...) with optional softcap and z_loss."""
+    F.cross_entropy(F.linear(x, weight, bias), target, ...) with optional softcap and z_loss.
+
+    Args:
+        x: (..., d) float32, bfloat16 or float16 (float64 on the reference backend).
+        weight: (V, d), bias: (V,) or None, both of x's dtype. target: (...) int64 or int32.
+        ignore_index: tokens with this target add 0 to the loss and are left out of the mean.
+        reduction: "mean", "sum" or "none" (per-token losses of target's shape).
+        label_smoothing: eps in [0, 1); z_loss: >= 0, adds z_loss * lse^2 per token;
+        softcap: None, or > 0: logits -> softcap * tanh(logits / softcap).
+        return_lse: also return lse (target's shape, float32, no gradient on the kernel backends).
+        backend: "auto", "cpu", "cuda" or "reference" ("triton" is refused: no kernel yet).
+
+    Returns the float32 loss (a scalar, or target's shape for "none"), and lse with return_lse.
+    """
     op = "linear_cross_entropy"
     _check_projection(op, x, weight, bias)
     check_tensor(op, "target", target, dtypes=TARGET_DTYPES, allow_empty=x.numel() == 0)
@@ -48,16 +133,36 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
         raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap}")
-    if target.device.type == "cpu":  # a free check on the host; GPU kernels guard their reads instead
+    # A free check on the host for CPU tensors (a data-dependent branch, so not while compiling);
+    # the kernels guard their reads instead.
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
         if bad.any():
             first = target[bad][0].item()
             raise ValueError(f"{op}: target holds {first}, outside [0, {weight.shape[0]}) and not ignore_index "
                              f"({ignore_index})")
-    dispatch.resolve(op, backend, x.device, native_op=None, triton=False)
-    return reference.linear_cross_entropy(x, weight, target.long(), bias, ignore_index=ignore_index,
-                                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                                          softcap=softcap, return_lse=return_lse)
+    chosen = dispatch.resolve(op, backend, x.device, native_op="linear_cross_entropy_fwd", triton=False)
+    if chosen == "reference":
+        return reference.linear_cross_entropy(x, weight, target.long(), bias, ignore_index=ignore_index,
+                                              reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                              softcap=softcap, return_lse=return_lse)
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: backend={chosen!r} takes float32, bfloat16 or float16 x, got {x.dtype}")
+
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    t1 = target.reshape(-1).long().contiguous()
+    loss, lse = torch.ops.fusedlm.linear_cross_entropy_fwd.default(
+        x2, weight.contiguous(), bias.contiguous() if bias is not None else None, t1, int(ignore_index),
+        float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else None)
+    if reduction == "mean":
+        count = (t1 != ignore_index).sum().clamp(min=1).to(loss.dtype)
+        loss = loss.sum() / count
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.view(target.shape)
+    return (loss, lse.view(target.shape)) if return_lse else loss
 
 
 def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):

@@ -1,0 +1,27 @@
+"""fusedlm's benchmark suite, installed as `fusedlm.benchmarks`; run it with `fusedlm bench`.
+
+One module per op (layer_norm.py, ...), one harness (harness.py: timing, memory, rows), one
+runner (run.py: presets, markdown, JSON, plots). An op module provides:
+
+    OP, TITLE                      the op's name and the heading of its table
+    VARIANTS                       {variant: object with .title and .baseline (a provider name)}
+    cases(preset, device, dtypes)  the harness.Case list of "quick" / "full" on "cpu" / "cuda"
+    make_inputs(case)              harness.Inputs: leaf tensors by keyword, one gradient per output
+    providers(case)                harness.Provider list; fn None with `why` for one that cannot run here
+    baseline(case)                 the provider the "vs base" ratio divides by
+    min_bytes(case, mode)          the least memory traffic of the op, for GB/s
+    REPEATS                        optional: {(device, preset): timed reps} where the runner's default is too many
+    MODES                          optional: the harness modes to time (default all three)
+    target(case)                   optional: the forward+backward speed-up over the baseline the
+                                   fusedlm backend must reach (the issue's goals), or None
+"""
+import importlib
+
+OPS = ("layer_norm", "attention", "softmax_output")
+
+
+def load_op(op: str):
+    """The benchmark module of `op`."""
+    if op not in OPS:
+        raise ValueError(f"bench: unknown op {op!r}; known: {', '.join(OPS)}")
+    return importlib.import_module(f".{op}", __name__)

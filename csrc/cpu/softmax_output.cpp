@@ -1,0 +1,232 @@
+// The fused softmax / loss / gradient pass of the chunked linear cross-entropy on the CPU
+// (formulas in softmax_output.h): OpenMP over rows, each row walked by an AVX-512 kernel
+// (chosen at run time) or the portable scalar one. Same formulas; the fp32 sums are taken in a
+// different order, so the two agree to rounding.
+//
+// Memory traffic per row of V floats (the row, 200 KiB at V = 50304, stays in L2 between passes):
+//   forward:  pass 1 reads z, writes c = softcap(z) in place (only with softcap), takes max and
+//             sum(c); pass 2 reads c, takes sum(exp(c - max)).
+//   backward: one pass: reads z, writes dz in place (p = exp(c - lse) from the saved lse).
+#include "cpu/softmax_output.h"
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
+
+#if FUSEDLM_X86
+#include <immintrin.h>
+#endif
+
+namespace fusedlm {
+namespace cpu {
+namespace {
+
+// What a row's target means: a column to read, ignored (loss 0), or invalid (never read).
+enum class TargetKind { Valid, Ignored, Invalid };
+
+inline TargetKind target_kind(int64_t t, int64_t ignore_index, int64_t vocab) {
+  if (t == ignore_index) return TargetKind::Ignored;
+  return (t >= 0 && t < vocab) ? TargetKind::Valid : TargetKind::Invalid;
+}
+
+inline float cap(float z, float softcap) { return softcap > 0.f ? softcap * std::tanh(z / softcap) : z; }
+
+// loss from the row statistics; c_t is the (soft-capped) target logit.
+inline float row_loss(float lse, float c_t, float sum_c, int64_t vocab, const CrossEntropyRowsArgs& a) {
+  const float eps = a.label_smoothing;
+  return (1.f - eps) * (lse - c_t) + eps * (lse - sum_c / float(vocab)) + a.z_loss * lse * lse;
+}
+
+// --- scalar rows -------------------------------------------------------------------------------
+
+// Returns lse; z is replaced by c; *sum_c = sum(c).
+float fwd_row_scalar(float* z, int64_t vocab, float softcap, float* sum_c) {
+  float mx = -std::numeric_limits<float>::infinity(), sc = 0.f;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float c = cap(z[v], softcap);
+    z[v] = c;
+    mx = std::max(mx, c);
+    sc += c;
+  }
+  float s = 0.f;
+  for (int64_t v = 0; v < vocab; ++v) s += std::exp(z[v] - mx);
+  *sum_c = sc;
+  return mx + std::log(s);
+}
+
+void bwd_row_scalar(float* z, int64_t vocab, float softcap, float lse, float scale_p, float shift) {
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float c = cap(z[v], softcap);
+    float d = scale_p * std::exp(c - lse) - shift;
+    if (softcap > 0.f) d *= 1.f - (c / softcap) * (c / softcap);
+    z[v] = d;
+  }
+}
+
+// --- AVX-512 rows --------------------------------------------------------------------------------
+#if FUSEDLM_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u); }
+
+// exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial
+// (truncation error r^8 / 8! < 1e-8 relative); 2^n applied by scalef, which underflows to 0 cleanly.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split hi + lo
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|); below |y| = 1/16 (where 1 - e cancels) its
+// odd Taylor series to y^9 (error < 1e-12 relative there).
+inline __m512 tanh16(__m512 y) {
+  const __m512 ay = _mm512_abs_ps(y);
+  const __m512 e = exp16(_mm512_mul_ps(ay, _mm512_set1_ps(-2.f)));
+  const __m512 big = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), e), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  const __m512 y2 = _mm512_mul_ps(ay, ay);
+  __m512 q = _mm512_set1_ps(62.f / 2835.f);
+  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(-17.f / 315.f));
+  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(2.f / 15.f));
+  q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(-1.f / 3.f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(q, y2), ay, ay);
+  const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ay, _mm512_set1_ps(0.0625f), _CMP_LT_OQ), big, small);
+  const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t);
+}
+
+inline __m512 cap16(__m512 z, float softcap) {
+  return _mm512_mul_ps(_mm512_set1_ps(softcap), tanh16(_mm512_mul_ps(z, _mm512_set1_ps(1.f / softcap))));
+}
+
+float fwd_row_avx512(float* z, int64_t vocab, float softcap, float* sum_c) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sc = _mm512_setzero_ps();
+  for (int64_t v = 0; v < vocab; v += 16) {
+    const __mmask16 m = lanes(vocab - v);
+    __m512 c = _mm512_maskz_loadu_ps(m, z + v);
+    if (softcap > 0.f) {
+      c = cap16(c, softcap);
+      _mm512_mask_storeu_ps(z + v, m, c);
+    }
+    mx = _mm512_mask_max_ps(mx, m, mx, c);
+    sc = _mm512_mask_add_ps(sc, m, sc, c);
+  }
+  const float row_max = _mm512_reduce_max_ps(mx);
+  const __m512 vmax = _mm512_set1_ps(row_max);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains in flight
+  int64_t v = 0;
+  for (; v + 32 <= vocab; v += 32) {
+    s0 = _mm512_add_ps(s0, exp16(_mm512_sub_ps(_mm512_loadu_ps(z + v), vmax)));
+    s1 = _mm512_add_ps(s1, exp16(_mm512_sub_ps(_mm512_loadu_ps(z + v + 16), vmax)));
+  }
+  for (; v < vocab; v += 16) {
+    const __mmask16 m = lanes(vocab - v);
+    s0 = _mm512_mask_add_ps(s0, m, s0, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, z + v), vmax)));
+  }
+  *sum_c = _mm512_reduce_add_ps(sc);
+  return row_max + std::log(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
+}
+
+void bwd_row_avx512(float* z, int64_t vocab, float softcap, float lse, float scale_p, float shift) {
+  const __m512 vlse = _mm512_set1_ps(lse), vscale = _mm512_set1_ps(scale_p), vshift = _mm512_set1_ps(shift);
+  const __m512 inv_cap = _mm512_set1_ps(softcap > 0.f ? 1.f / softcap : 0.f), one = _mm512_set1_ps(1.f);
+  for (int64_t v = 0; v < vocab; v += 16) {
+    const __mmask16 m = lanes(vocab - v);
+    __m512 c = _mm512_maskz_loadu_ps(m, z + v);
+    if (softcap > 0.f) c = cap16(c, softcap);
+    __m512 d = _mm512_fmsub_ps(vscale, exp16(_mm512_sub_ps(c, vlse)), vshift);
+    if (softcap > 0.f) {
+      const __m512 u = _mm512_mul_ps(c, inv_cap);
+      d = _mm512_mul_ps(d, _mm512_fnmadd_ps(u, u, one));
+    }
+    _mm512_mask_storeu_ps(z + v, m, d);
+  }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+#endif  // FUSEDLM_X86
+
+float fwd_row(Isa isa, float* z, int64_t vocab, float softcap, float* sum_c) {
+#if FUSEDLM_X86
+  if (isa == Isa::Avx512) return fwd_row_avx512(z, vocab, softcap, sum_c);
+#endif
+  return fwd_row_scalar(z, vocab, softcap, sum_c);
+}
+
+void bwd_row(Isa isa, float* z, int64_t vocab, float softcap, float lse, float scale_p, float shift) {
+#if FUSEDLM_X86
+  if (isa == Isa::Avx512) return bwd_row_avx512(z, vocab, softcap, lse, scale_p, shift);
+#endif
+  bwd_row_scalar(z, vocab, softcap, lse, scale_p, shift);
+}
+
+}  // namespace
+
+void cross_entropy_rows_fwd(const CrossEntropyRowsArgs& a) {
+  const int64_t vocab = a.vocab;
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* z = a.logits + r * vocab;
+    const int64_t t = a.target[r];
+    const TargetKind kind = target_kind(t, a.ignore_index, vocab);
+    float sum_c = 0.f;
+    const float lse = fwd_row(a.isa, z, vocab, a.softcap, &sum_c);
+    a.lse[r] = lse;
+    if (kind == TargetKind::Valid) {
+      a.loss[r] = row_loss(lse, z[t], sum_c, vocab, a);  // the row now holds c = softcap(z)
+    } else {
+      a.loss[r] = kind == TargetKind::Ignored ? 0.f : std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+}
+
+void cross_entropy_rows_bwd(const CrossEntropyRowsArgs& a) {
+  const int64_t vocab = a.vocab;
+  const float eps = a.label_smoothing;
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* z = a.logits + r * vocab;
+    const int64_t t = a.target[r];
+    if (target_kind(t, a.ignore_index, vocab) != TargetKind::Valid) {
+      for (int64_t v = 0; v < vocab; ++v) z[v] = 0.f;
+      continue;
+    }
+    const float g = a.dloss[r], lse = a.lse[r];
+    const float z_t = z[t];
+    bwd_row(a.isa, z, vocab, a.softcap, lse, g * (1.f + 2.f * a.z_loss * lse), g * eps / float(vocab));
+    // The one-hot term, through the softcap's derivative at the target.
+    float chain = 1.f;
+    if (a.softcap > 0.f) {
+      const float u = std::tanh(z_t / a.softcap);
+      chain = 1.f - u * u;
+    }
+    z[t] -= g * (1.f - eps) * chain;
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedlm

@@ -1,0 +1,187 @@
+"""fusedlm.attention on its kernel backends against the float64 reference (error-budget rule).
+
+The Triton kernels run on a GPU when there is one, else under TRITON_INTERPRET=1 on CPU tensors; the
+interpreter's cost grows with the number of programs, so the grid keeps B and H small.
+"""
+import math
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import reference
+from harness import HAS_GPU, assert_within_budget, backend_device, backend_params
+
+BACKENDS = backend_params(cpu=False, cuda=False)
+
+# (B, Hq, Hkv, Nq, Nk, D, causal): GQA 8/2 and 8/1 (MQA), Nq != Nk both ways, odd N, head dims with masked
+# columns (80), fully masked rows (causal with Nq > Nk), one-token decode.
+CASES = [
+    (1, 2, 1, 1, 1, 16, False),
+    (1, 2, 1, 17, 17, 16, True),
+    (1, 2, 2, 97, 97, 64, True),
+    (1, 2, 2, 97, 97, 64, False),
+    (1, 4, 2, 128, 128, 64, True),
+    (1, 4, 1, 128, 128, 128, False),
+    (2, 2, 1, 17, 97, 80, True),
+    (1, 2, 1, 97, 17, 80, True),
+    (1, 2, 1, 128, 17, 64, False),
+    (1, 8, 2, 17, 17, 64, True),
+    (1, 8, 1, 17, 33, 64, False),
+    (1, 2, 1, 1, 128, 128, True),
+    (1, 1, 1, 17, 17, 256, True),
+    (1, 1, 1, 1025, 1025, 64, True),
+]
+FP16_CASES = [
+    (1, 2, 1, 97, 97, 64, True),
+    (1, 4, 2, 128, 97, 80, False),
+    (1, 2, 1, 17, 128, 128, True),
+    (1, 8, 2, 17, 17, 64, True),
+    (1, 2, 1, 97, 17, 64, True),
+]
+DTYPE_CASES = ([pytest.param(torch.float32, c, id=f"float32-{c}") for c in CASES]
+               + [pytest.param(torch.float16, c, id=f"float16-{c}") for c in FP16_CASES]
+               + [pytest.param(torch.bfloat16, c, id=f"bfloat16-{c}") for c in FP16_CASES[:2]])
+
+
+def _skip_unsupported(dtype):
+    if not HAS_GPU and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is wrong in the Triton interpreter (no GPU here)")
+
+
+def _inputs(case, dtype, device):
+    b, hq, hkv, nq, nk, d, _ = case
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for shape in ((b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, d)))
+    do = torch.randn(b, hq, nq, d, dtype=torch.float64)
+    return [t.to(dtype).to(device) for t in (q, k, v)], do.to(device)
+
+
+def _run(fn, q, k, v, do, dlse=None, **kw):
+    """out, lse and (dq, dk, dv) for the loss sum(out * do) (+ sum(lse * dlse))."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*leaves, return_lse=True, **kw)
+    loss = (out.double() * do).sum()
+    if dlse is not None:
+        seen = torch.isfinite(lse)
+        loss = loss + torch.where(seen, lse.double() * dlse, torch.zeros_like(dlse)).sum()
+    return out, lse, torch.autograd.grad(loss, leaves)
+
+
+def _check_all(out, lse, grads, q, k, v, do, causal, dlse=None, scale=None):
+    (q64, k64, v64) = (t.double() for t in (q, k, v))
+    out64, lse64, grads64 = _run(reference.attention, q64, k64, v64, do, dlse, causal=causal, scale=scale)
+    outt, lset, gradst = _run(reference.attention, q, k, v, do, dlse, causal=causal, scale=scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert_within_budget(out, out64, outt, name="out")
+    seen = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), seen), "lse: -inf rows differ from the reference"
+    assert (lse[~seen] == float("-inf")).all()
+    assert (out[~seen] == 0).all(), "a row that sees no key must output zeros"
+    assert_within_budget(lse[seen], lse64[seen], lset[seen].float(), name="lse")
+    for name, g, g64, gt in zip(("dq", "dk", "dv"), grads, grads64, gradst):
+        assert g.dtype == q.dtype, f"{name} dtype {g.dtype}"
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        assert_within_budget(g, g64, gt, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,case", DTYPE_CASES)
+def test_attention_matches_reference(backend, dtype, case):
+    _skip_unsupported(dtype)
+    device = backend_device(backend)
+    (q, k, v), do = _inputs(case, dtype, device)
+    causal = case[-1]
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=causal, backend=backend)
+    _check_all(out, lse, grads, q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_lse_gradient_and_scale(backend):
+    """return_lse=True with a loss on lse too (dlse folded into delta), and an explicit scale."""
+    device = backend_device(backend)
+    case = (1, 4, 2, 97, 64, 64, True)
+    (q, k, v), do = _inputs(case, torch.float32, device)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64, device=device)
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, dlse, causal=True, scale=0.3, backend=backend)
+    _check_all(out, lse, grads, q, k, v, do, True, dlse, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_non_contiguous_inputs(backend):
+    """q, k, v as transposed (B, N, H, D) views (the layout a fused qkv projection gives), no copy needed."""
+    device = backend_device(backend)
+    b, h, n, d = 1, 4, 97, 64
+    qkv = torch.randn(b, n, 3, h, d, dtype=torch.float64).float().to(device)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, D), strides (N*3*H*D, D, 3*H*D, 1)
+    assert not q.is_contiguous()
+    do = torch.randn(b, h, n, d, dtype=torch.float64, device=device)
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=True, backend=backend)
+    _check_all(out, lse, grads, q, k, v, do, True)
+    # a head dim with a stride (copied once by the launcher) still gives the same bits
+    q2 = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out2 = fusedlm.attention(q2, k, v, causal=True, backend=backend)
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_backward_is_deterministic(backend):
+    device = backend_device(backend)
+    (q, k, v), do = _inputs((1, 8, 2, 97, 97, 64, True), torch.float32, device)
+    _, _, g1 = _run(fusedlm.attention, q, k, v, do, causal=True, backend=backend)
+    _, _, g2 = _run(fusedlm.attention, q, k, v, do, causal=True, backend=backend)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_opcheck(backend, causal):
+    device = backend_device(backend)
+    (q, k, v), _ = _inputs((1, 4, 2, 33, 17, 16, causal), torch.float32, device)
+    scale = 1 / math.sqrt(16)
+    fwd, bwd = torch.ops.fusedlm.attention_fwd_triton.default, torch.ops.fusedlm.attention_bwd_triton.default
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    torch.library.opcheck(fwd, (*leaves, causal, scale))
+    out, lse = fwd(q, k, v, causal, scale)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(bwd, (dout, q, k, v, out, lse, None, causal, scale))
+    torch.library.opcheck(bwd, (dout, q, k, v, out, lse, torch.randn_like(lse), causal, scale))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_torch_compile_fullgraph(backend):
+    device = backend_device(backend)
+    (q, k, v), _ = _inputs((1, 4, 2, 40, 40, 32, True), torch.float32, device)
+
+    def block(q, k, v):
+        out, lse = fusedlm.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        return (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = block(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, c in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, c.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d,dtype,msg", [(8, torch.float32, "head dims 16..256 that are multiples of 8, got 8"),
+                                         (20, torch.float32, "multiples of 8, got 20"),
+                                         (16, torch.float64, "float32, bfloat16 or float16, got float64")])
+def test_attention_triton_refuses_what_it_cannot_run(backend, d, dtype, msg):
+    q = torch.randn(1, 2, 5, d, dtype=dtype, device=backend_device(backend))
+    with pytest.raises(fusedlm.BackendError, match=f"attention: backend='triton' cannot run these inputs: .*{msg}"):
+        fusedlm.attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_attention_backends_without_kernels_are_errors(backend):
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(fusedlm.BackendError, match=f"attention: backend='{backend}' cannot run"):
+        fusedlm.attention(q, q, q, backend=backend)

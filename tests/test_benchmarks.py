@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark harness: tiny shapes, few reps, no torch.compile, no timing assertions."""
+import json
+import math
+
+import pytest
+import torch
+
+from fusedlm.benchmarks import harness, layer_norm as ln_bench, memory, run as bench_run
+from fusedlm.cli import main as cli_main
+
+
+def _only(names):
+    full = ln_bench.providers
+
+    def providers(case):
+        return [p for p in full(case) if p.name in names]
+    return providers
+
+
+def test_run_case_rows_and_markdown(monkeypatch):
+    monkeypatch.setattr(ln_bench, "providers", _only({"F.layer_norm", "reference"}))
+    case = harness.Case("layer_norm", "layernorm", (64, 32), "float32", "cpu")
+    rows, skipped = harness.run_case(ln_bench, case, reps=5, warmup=1, memory=False)
+
+    assert skipped == []
+    assert [(r.provider, r.mode) for r in rows] == [
+        (p, m) for p in ("F.layer_norm", "reference") for m in harness.MODES]
+    for r in rows:
+        assert r.error == "", r.error
+        assert len(r.times_ms) == 5 and all(t > 0 for t in r.times_ms)
+        assert r.min_ms <= r.p20_ms <= r.median_ms <= r.p80_ms <= r.max_ms
+        assert r.ratio is not None and r.ratio > 0 and r.gbps > 0
+        assert r.max_abs_diff is not None and r.max_abs_diff < harness.CHECK_TOL["float32"]
+        # F.layer_norm and the reference both keep at least x and weight for backward
+        assert r.saved_bytes >= (64 * 32 + 32) * 4
+        assert r.peak_bytes is None  # memory=False
+    assert all(r.ratio == 1.0 for r in rows if r.provider == "F.layer_norm")
+    json.dumps([r.to_json() for r in rows])  # every number is JSON-serialisable
+
+    info = harness.machine_info("cpu")
+    table = bench_run.markdown(ln_bench, rows, {"liger": "not installed"}, info)
+    lines = table.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| shape |"))
+    body = [line for line in lines[header + 2:] if line.startswith("|")]
+    assert len(body) == 6
+    cells = body[0].strip("|").split("|")
+    assert len(cells) == lines[header].count("|") - 1
+    assert [c.strip() for c in cells[:4]] == ["64x32", "float32", "F.layer_norm", "forward"]
+    assert math.isfinite(float(cells[4]))
+    assert "not run: liger: not installed" in table
+
+
+def test_failing_provider_is_reported_not_fatal(monkeypatch):
+    def broken(t):
+        raise RuntimeError("kernel exploded")
+
+    peer = _only({"F.layer_norm"})
+
+    def providers(case):
+        return peer(case) + [harness.Provider("broken", broken, "peer")]
+    monkeypatch.setattr(ln_bench, "providers", providers)
+    case = harness.Case("layer_norm", "layernorm", (8, 16), "float32", "cpu")
+    rows, _ = harness.run_case(ln_bench, case, reps=2, warmup=1, memory=False)
+    bad = [r for r in rows if r.provider == "broken"]
+    assert len(bad) == 3 and all(r.median_ms is None and "kernel exploded" in r.error for r in bad)
+    assert all(r.median_ms is not None for r in rows if r.provider == "F.layer_norm")
+
+
+def test_cpu_peak_memory_measures_the_output():
+    """F.layer_norm's forward makes y (4 MiB here) and 8 bytes of statistics per row; the child-process
+    high-water mark must see that, and not the parent's memory."""
+    try:
+        memory.CpuMeter()
+    except OSError as exc:
+        pytest.skip(f"no resettable resident-set high-water mark here: {exc}")
+    ballast = torch.ones(64 * 2**20)  # 256 MiB in this process, which the child must not count
+    case = harness.Case("layer_norm", "layernorm", (1024, 1024), "float32", "cpu")
+    peaks = memory.measure_memory_cpu(ln_bench, case, ["F.layer_norm"])
+    del ballast
+    fwd = peaks["F.layer_norm"]["forward"]
+    y_bytes = 1024 * 1024 * 4
+    assert y_bytes <= fwd <= y_bytes + 512 * 1024, peaks
+    assert peaks["F.layer_norm"]["forward+backward"] >= fwd
+
+
+def test_cli_bench_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--full", "--ops", "--dtypes", "--out", "--no-plots", "--repeats", "--device"):
+        assert option in out
+
+
+def test_parse_dtypes():
+    assert harness.parse_dtypes("fp32, bf16") == ["float32", "bfloat16"]
+    with pytest.raises(ValueError, match="--dtypes"):
+        harness.parse_dtypes("float8")

@@ -1,0 +1,242 @@
+"""fusedlm.linear_cross_entropy on the C++ backends against the float64 reference (error-budget rule)."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import dispatch, reference
+from harness import ATOL, assert_within_budget, backend_device, backend_params
+
+BACKENDS = backend_params(triton=False)  # the Triton kernel is not written yet (refused: see below)
+
+
+def _need_kernel(backend):
+    if backend == "cpu" and not dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CPU"):
+        pytest.fail("fusedlm._C is not built: the cpu backend is missing")
+
+
+def _inputs(lead, d, vocab, dtype, device, bias, ignored=0.2):
+    x = torch.randn(*lead, d, dtype=torch.float64)
+    w = torch.randn(vocab, d, dtype=torch.float64) / d ** 0.5 * 2  # logits of spread ~2
+    b = 0.5 * torch.randn(vocab, dtype=torch.float64) if bias else None
+    target = torch.randint(0, vocab, lead)
+    target[torch.rand(lead) < ignored] = -100
+    cast = [t.to(device=device, dtype=dtype) if t is not None else None for t in (x, w, b)]
+    return (*cast, target.to(device))
+
+
+def _run(fn, x, w, b, target, upstream, **kw):
+    """Loss and the gradients of sum(loss * upstream) for x, w (and b)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+    xs, ws = leaves[:2]
+    bs = leaves[2] if b is not None else None
+    loss = fn(xs, ws, target, bs, **kw)
+    grads = torch.autograd.grad((loss.double() * upstream).sum(), leaves)
+    return loss, grads
+
+
+def _compare(backend, x, w, b, target, upstream, **kw):
+    loss, grads = _run(fusedlm.linear_cross_entropy, x, w, b, target, upstream, backend=backend, **kw)
+    to64 = [t.double() if t is not None else None for t in (x, w, b)]
+    loss64, grads64 = _run(reference.linear_cross_entropy, *to64, target, upstream, **kw)
+    losst, gradst = _run(reference.linear_cross_entropy, x, w, b, target, upstream, **kw)
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape
+    assert_within_budget(loss, loss64, losst, name="loss", atol=ATOL[torch.float32] * max(1.0, loss64.abs().max()))
+    rows = target.numel()
+    for name, g, g64, gt in zip(["dx", "dweight", "dbias"], grads, grads64, gradst):
+        assert g.dtype == x.dtype, f"{name} dtype {g.dtype}"
+        floor = ATOL[x.dtype] * max(1.0, rows ** 0.5) if name != "dx" else None
+        assert_within_budget(g, g64, gt, name=name, atol=floor)
+    return loss
+
+
+def _upstream(reduction, target, device):
+    if reduction == "none":  # per-token weights, as a weighted loss would use
+        return torch.rand(target.shape, dtype=torch.float64, device=device) * 2
+    return torch.tensor(1.7, dtype=torch.float64, device=device)  # a scaled loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["ls0", "ls0.1"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3], ids=["z0", "z1e-3"])
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["nocap", "cap5"])
+def test_linear_cross_entropy_grid(backend, bias, reduction, label_smoothing, z_loss, softcap):
+    _need_kernel(backend)
+    device = backend_device(backend)
+    x, w, b, target = _inputs((31,), 97, 1000, torch.float32, device, bias)
+    _compare(backend, x, w, b, target, _upstream(reduction, target, device), reduction=reduction,
+             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+# (lead shape, d, V): odd sizes, a 3-D x, a long row (V = 50257) and several token chunks
+# (700 tokens at V = 50257 take three chunks of the 64 MiB buffer (333 rows), the last one partial).
+SIZES = [((1,), 32, 123), ((1025,), 32, 123), ((31,), 768, 1000), ((3, 11), 97, 123), ((7,), 32, 50257),
+         ((700,), 8, 50257)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,d,vocab", SIZES, ids=str)
+def test_linear_cross_entropy_sizes(backend, lead, d, vocab):
+    _need_kernel(backend)
+    device = backend_device(backend)
+    x, w, b, target = _inputs(lead, d, vocab, torch.float32, device, True)
+    if lead == (1,):
+        target[0] = 3  # the single token counts
+    _compare(backend, x, w, b, target, _upstream("none", target, device), reduction="none",
+             label_smoothing=0.05, z_loss=1e-4, softcap=10.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_bfloat16(backend):
+    _need_kernel(backend)
+    device = backend_device(backend)
+    x, w, b, target = _inputs((64,), 96, 1000, torch.bfloat16, device, True)
+    _compare(backend, x, w, b, target, _upstream("mean", target, device), label_smoothing=0.1, softcap=20.0)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+def test_linear_cross_entropy_cpu_code_paths(monkeypatch, isa):
+    """The row pass's portable fallback and its AVX-512 path (own exp and tanh), forced one by one."""
+    _need_kernel("cpu")
+    if isa == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", isa)
+    x, w, b, target = _inputs((45,), 64, 531, torch.float32, "cpu", True)
+    x = x * 4  # logits up to ~30: the tanh is far from linear and exp spans a wide range
+    for softcap in (None, 3.0, 30.0):
+        _compare("cpu", x, w, b, target, _upstream("none", target, "cpu"), reduction="none",
+                 label_smoothing=0.1, z_loss=1e-3, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_lse_and_all_ignored(backend):
+    _need_kernel(backend)
+    device = backend_device(backend)
+    x, w, b, target = _inputs((20,), 32, 123, torch.float32, device, True)
+    _, lse = fusedlm.linear_cross_entropy(x, w, target, b, return_lse=True, backend=backend)
+    _, lse64 = reference.linear_cross_entropy(x.double(), w.double(), target, b.double(), return_lse=True)
+    _, lset = reference.linear_cross_entropy(x, w, target, b, return_lse=True)
+    assert_within_budget(lse, lse64, lset, name="lse")
+
+    ignored = torch.full_like(target, -100)
+    for reduction in ("mean", "sum", "none"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        loss = fusedlm.linear_cross_entropy(*leaves[:2], ignored, leaves[2], reduction=reduction, z_loss=1e-3,
+                                            label_smoothing=0.1, backend=backend)
+        assert torch.isfinite(loss).all() and (loss == 0).all(), loss
+        loss.sum().backward()
+        for leaf in leaves:
+            assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_cross_entropy_backward_is_deterministic(backend):
+    _need_kernel(backend)
+    device = backend_device(backend)
+    x, w, b, target = _inputs((300,), 32, 30000, torch.float32, device, True)
+    up = _upstream("none", target, device)
+    g1 = _run(fusedlm.linear_cross_entropy, x, w, b, target, up, reduction="none", backend=backend)[1]
+    g2 = _run(fusedlm.linear_cross_entropy, x, w, b, target, up, reduction="none", backend=backend)[1]
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+def _op_args(device, bias, softcap):
+    x, w, b, target = _inputs((37,), 24, 301, torch.float32, device, bias)
+    return x, w, b, target, -100, 0.1, 1e-3, softcap
+
+
+@pytest.mark.parametrize("bias,softcap", [(True, None), (False, 7.0)])
+def test_linear_cross_entropy_opcheck(bias, softcap):
+    _need_kernel("cpu")
+    fwd = torch.ops.fusedlm.linear_cross_entropy_fwd.default
+    bwd = torch.ops.fusedlm.linear_cross_entropy_bwd.default
+    args = _op_args("cpu", bias, softcap)
+    args[0].requires_grad_(True)
+    args[1].requires_grad_(True)
+    torch.library.opcheck(fwd, args)
+    x, w, b, target, *opts = args
+    loss, lse = fwd(x.detach(), w.detach(), b, target, *opts)
+    dloss = torch.rand_like(loss)
+    torch.library.opcheck(bwd, (dloss, x.detach(), w.detach(), b, target, lse, *opts, bias))
+
+
+def test_linear_cross_entropy_torch_compile_fullgraph():
+    _need_kernel("cpu")
+    x, w, b, target = _inputs((40,), 32, 257, torch.float32, "cpu", True)
+
+    def step(x, w, b):
+        loss = fusedlm.linear_cross_entropy(x, w, target, b, label_smoothing=0.1, softcap=9.0, backend="cpu")
+        return loss * 3
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    ref = step(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, c in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, c.grad)
+
+
+BAD = [
+    (lambda x, w, t: (x, w, torch.where(t == 3, 11, t)), ValueError,
+     r"linear_cross_entropy: target holds 11, outside \[0, 11\)"),
+    (lambda x, w, t: (x, w, torch.where(t == 3, -2, t)), ValueError, "linear_cross_entropy: target holds -2"),
+    (lambda x, w, t: (x, w, t.float()), TypeError, "linear_cross_entropy: target must have dtype"),
+    (lambda x, w, t: (x, w[:, :7], t), ValueError, r"linear_cross_entropy: weight must have shape \(V, 8\)"),
+    (lambda x, w, t: (x, w.to("meta"), t), ValueError, "linear_cross_entropy: weight is on meta but x is on cpu"),
+    (lambda x, w, t: (x, w.double(), t), TypeError, "linear_cross_entropy: weight must have the dtype of x"),
+    (lambda x, w, t: (x, w, t[:2]), ValueError, r"linear_cross_entropy: target must have shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+@pytest.mark.parametrize("make,exc,msg", BAD)
+def test_linear_cross_entropy_bad_inputs(backend, make, exc, msg):
+    x, w, t = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 3, -100])
+    with pytest.raises(exc, match=msg):
+        fusedlm.linear_cross_entropy(*make(x, w, t), backend=backend)
+
+
+def test_linear_cross_entropy_backends_that_cannot_run():
+    x, w, t = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 3, -100])
+    with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='triton'.*no Triton kernel"):
+        fusedlm.linear_cross_entropy(x, w, t, backend="triton")
+    with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='cuda' cannot run"):
+        fusedlm.linear_cross_entropy(x, w, t, backend="cuda")
+    with pytest.raises(TypeError, match="linear_cross_entropy: backend='cpu' takes float32, bfloat16 or float16"):
+        fusedlm.linear_cross_entropy(x.double(), w.double(), t, backend="cpu")
+
+
+def test_linear_cross_entropy_kernel_never_reads_a_bad_target():
+    """Past the Python check (which raises), the C++ op gives NaN for that token and reads nothing out of
+    bounds; the other tokens are unaffected and the bad token's gradient is 0."""
+    _need_kernel("cpu")
+    fwd = torch.ops.fusedlm.linear_cross_entropy_fwd.default
+    bwd = torch.ops.fusedlm.linear_cross_entropy_bwd.default
+    x, w, b, target = _inputs((6,), 16, 50, torch.float32, "cpu", True, ignored=0.0)
+    bad = target.clone()
+    bad[1], bad[4] = 1 << 40, -7
+    loss, lse = fwd(x, w, b, bad, -100, 0.0, 0.0, None)
+    good, _ = fwd(x, w, b, target, -100, 0.0, 0.0, None)
+    assert torch.isnan(loss[[1, 4]]).all()
+    keep = [0, 2, 3, 5]
+    torch.testing.assert_close(loss[keep], good[keep])
+    dx, _, _ = bwd(torch.ones(6), x, w, b, bad, lse, -100, 0.0, 0.0, None, True)
+    assert (dx[[1, 4]] == 0).all() and torch.isfinite(dx).all()
+
+
+def test_linear_cross_entropy_cpp_checks_name_the_op_and_argument():
+    _need_kernel("cpu")
+    fwd = torch.ops.fusedlm.linear_cross_entropy_fwd.default
+    x, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy_fwd: weight must have shape \(11, 8\)"):
+        fwd(x, torch.randn(11, 7), None, t, -100, 0.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy_fwd: target must have shape \(4,\)"):
+        fwd(x, w, None, t[:3], -100, 0.0, 0.0, None)
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy_fwd: bias must have shape \(11,\)"):
+        fwd(x, w, torch.randn(10), t, -100, 0.0, 0.0, None)
