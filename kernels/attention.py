@@ -41,12 +41,11 @@ cost grows with the number of programs and loop iterations.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedlm.kernels import device_guard
 
 OP = "attention"
 LOG2E = 1.4426950408889634
@@ -394,15 +393,6 @@ def _config(q: torch.Tensor, block_d: int, kernel: str) -> tuple[int, int, int, 
     return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on t's GPU; CPU tensors run only under the interpreter."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"{OP}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
-    return contextlib.nullcontext()
-
-
 def _check(q, k, v) -> None:
     if q.dtype not in _TL_DTYPE:
         raise TypeError(f"{OP}: the triton backend takes float32, bfloat16 or float16 q, got {q.dtype}")
@@ -433,7 +423,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     lse = torch.empty((b, hq, n_q), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
     block_m, block_n, num_warps, num_stages = _config(q, block_d, "fwd")
-    with _device_guard(q):
+    with device_guard(OP, q):
         _attn_fwd_kernel[(triton.cdiv(n_q, block_m), b * hq)](
             q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             hq, hq // hkv, n_q, n_k, scale * LOG2E,
@@ -459,7 +449,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, causal: bool, scale: float):
     ieee = q.dtype == torch.float32
     pre_m = PRE_TILE // block_d if q.is_cuda else INTERPRET_BLOCK
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), hq, hq // hkv, n_q, n_k, scale * LOG2E, scale)
-    with _device_guard(q):
+    with device_guard(OP, q):
         _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_m), b * hq)](
             out, do, dlse if dlse is not None else lse, delta, *_strides(out), *_strides(do), hq, n_q,
             HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,

@@ -40,13 +40,13 @@ since the kernels are memory-bound and the table only has to keep tiles in regis
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fusedlm.kernels import device_guard
 
 OP = "layer_norm"
 MAX_COLS = 16384  # widest row the launchers take
@@ -281,15 +281,6 @@ def _check(x: torch.Tensor, what: str) -> None:
         )
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on t's GPU; CPU tensors run only under the interpreter."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"{OP}: the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
-    return contextlib.nullcontext()
-
-
 # --- launchers -----------------------------------------------------------------------------
 
 def layer_norm_fwd(x, weight, bias, residual, eps: float, rms: bool):
@@ -309,7 +300,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     else:
         block_rows, rows_per_program = _interpreter_tile(block_size, m)
         num_warps = 4
-    with _device_guard(x):
+    with device_guard(OP, x):
         _layer_norm_fwd_kernel[(triton.cdiv(m, rows_per_program),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
             y, h if residual is not None else y, rstd if rms else mean, rstd,
@@ -361,7 +352,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, rms: bool, has_bias: bool):
     n_programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((n_programs, n), dtype=torch.float32, device=h.device)
     db_partial = torch.empty((n_programs, n), dtype=torch.float32, device=h.device) if has_bias else dw_partial
-    with _device_guard(h):
+    with device_guard(OP, h):
         _layer_norm_bwd_kernel[(triton.cdiv(n, block_size), n_programs)](
             dy, dh if dh is not None else dy, h, weight, rstd if rms else mean, rstd,
             dx, dw_partial, db_partial,

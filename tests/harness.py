@@ -9,6 +9,7 @@ reference run in T) plus an absolute floor from the table:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -44,23 +45,14 @@ def assert_within_budget(out, ref64, torch_out, *, name="output", atol=None, fac
 
 HAS_GPU = torch.cuda.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def backend_device(backend: str) -> str:
     """The device a backend's tests run on here."""
-    if backend == "cpu":
-        return "cpu"
-    if backend == "cuda":
-        return "cuda"
-    if backend == "triton":
-        return "cuda" if HAS_GPU else "cpu"
-    return "cuda" if HAS_GPU else "cpu"
+    if backend in ("cpu", "cuda"):
+        return backend
+    return "cuda" if HAS_GPU else "cpu"  # triton (the interpreter without a GPU), reference
 
 
 def backend_params(cpu=True, cuda=True, triton=True):

@@ -96,7 +96,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
             raise ValueError(f"{OP}: {name} must be 4-D (B, H, N, D), got shape {fmt_shape(t.shape)}")
     check_same(OP, "q", q, "k", k)
     check_same(OP, "q", q, "v", v)
-    (b, hq, _, d), (bk, hkv, nk, dk) = q.shape, k.shape
+    (b, hq, _, d), (bk, hkv, _, dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"{OP}: k and v must have the same shape, got {fmt_shape(k.shape)} and {fmt_shape(v.shape)}")
     if bk != b:
