@@ -2,6 +2,9 @@
 # (a venv, torch, the build), then run. `make cuda-check` and `make gpu-report` hold the GPU
 # code to account without a GPU.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -24,7 +27,7 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 $(VENV)/.built: $(VENV)/.ready $(SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(VPY) -c "import fusedlm, fusedlm.dispatch as d; assert d._C is not None, d._C_ERROR; print('fusedlm: built;', fusedlm.available_backends())"
 	touch $@
 

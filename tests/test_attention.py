@@ -173,7 +173,7 @@ def test_attention_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d,dtype,msg", [(8, torch.float32, "head dims 16..256 that are multiples of 8, got 8"),
                                          (20, torch.float32, "multiples of 8, got 20"),
-                                         (16, torch.float64, "float32, bfloat16 or float16, got float64")])
+                                         (16, torch.float64, "float32, bfloat16, float16 tensors, got float64")])
 def test_attention_triton_refuses_what_it_cannot_run(backend, d, dtype, msg):
     q = torch.randn(1, 2, 5, d, dtype=dtype, device=backend_device(backend))
     with pytest.raises(fusedlm.BackendError, match=f"attention: backend='triton' cannot run these inputs: .*{msg}"):

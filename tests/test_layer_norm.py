@@ -179,6 +179,23 @@ def test_layer_norm_backend_that_cannot_run_is_an_error():
     x, w = torch.randn(4, 64), torch.randn(64)
     with pytest.raises(fusedlm.BackendError, match="layer_norm: backend='cuda' cannot run"):
         fusedlm.layer_norm(x, w, backend="cuda")
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(fusedlm.BackendError, match="layer_norm: backend='cpu' cannot run .*float32, bfloat16 tensors"):
+            fusedlm.layer_norm(x.to(dtype), w.to(dtype), backend="cpu")
+
+
+def test_layer_norm_auto_sends_what_no_kernel_takes_to_the_reference():
+    x, w = torch.randn(4, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    torch.testing.assert_close(fusedlm.layer_norm(x, w), reference.layer_norm(x, w))
+
+
+def test_layer_norm_residual_gradients_are_separate_tensors():
+    """x.grad and residual.grad must not share storage (an in-place update of one would change both)."""
+    x, r = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    y, h = fusedlm.layer_norm(x, torch.randn(64), residual=r)
+    (y.sum() + h.sum()).backward()
+    torch.testing.assert_close(x.grad, r.grad)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
 
 
 def test_layer_norm_non_contiguous_input():

@@ -208,8 +208,13 @@ def test_linear_cross_entropy_backends_that_cannot_run():
         fusedlm.linear_cross_entropy(x, w, t, backend="triton")
     with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='cuda' cannot run"):
         fusedlm.linear_cross_entropy(x, w, t, backend="cuda")
-    with pytest.raises(TypeError, match="linear_cross_entropy: backend='cpu' takes float32, bfloat16 or float16"):
-        fusedlm.linear_cross_entropy(x.double(), w.double(), t, backend="cpu")
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(fusedlm.BackendError,
+                           match=f"linear_cross_entropy: backend='cpu' cannot run .*float32, bfloat16 tensors"):
+            fusedlm.linear_cross_entropy(x.to(dtype), w.to(dtype), t, backend="cpu")
+    # "auto" sends what the kernel does not take to the reference instead.
+    torch.testing.assert_close(fusedlm.linear_cross_entropy(x.double(), w.double(), t),
+                               reference.linear_cross_entropy(x.double(), w.double(), t))
 
 
 def test_linear_cross_entropy_kernel_never_reads_a_bad_target():

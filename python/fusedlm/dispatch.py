@@ -22,13 +22,13 @@ import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
-# Which GPU backend "auto" takes per op, from benchmarks/RESULTS.md (the faster one on an H200).
+# Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors. Only kernels
+# that have passed their tests on a GPU are listed (benchmarks/RESULTS.md): the CUDA layer_norm.
+# The Triton kernels and the CUDA cross-entropy are compile-checked and interpreter-tested but
+# have not run on a GPU yet, so "auto" keeps CUDA tensors of those ops on the reference until
+# benchmarks/gpu_check.sh has measured them; backend="triton" / "cuda" still selects them.
 AUTO_GPU = {
-    "layer_norm": ("cuda", "triton"),
-    # Not measured yet: the Triton kernel is the only GPU kernel of this op so far.
-    "attention": ("triton",),
-    # Not measured yet: the CUDA C++ kernel is the only GPU kernel of this op so far.
-    "linear_cross_entropy": ("cuda",),
+    "layer_norm": ("cuda",),
 }
 
 try:  # importing _C registers every C++ op with the dispatcher
@@ -88,7 +88,36 @@ def _cannot(op: str, backend: str, reason: str) -> BackendError:
     return BackendError(f"{op}: backend={backend!r} cannot run these inputs: {reason}")
 
 
-def resolve(op: str, backend: str, device: torch.device, native_op: str | None, triton: bool) -> str:
+# The dtypes each kernel backend takes. fp16 is kept out of the CPU paths (fp16 arithmetic on
+# the CPU runs hundreds of times slower; DESIGN.md).
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def resolve(op: str, backend: str, device: torch.device, native_op: str | None, triton: bool,
+            dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for `op` on tensors of `device` and `dtype` (see _resolve_device).
+
+    A dtype the chosen kernel does not take sends "auto" to the reference (float64, or fp16 on
+    the CPU) and makes an explicit backend a BackendError.
+    """
+    chosen = _resolve_device(op, backend, device, native_op, triton)
+    if chosen != "reference" and dtype is not None and dtype not in KERNEL_DTYPES[chosen]:
+        if backend == "auto":
+            return "reference"
+        names = ", ".join(_dtype_name(d) for d in KERNEL_DTYPES[chosen])
+        raise _cannot(op, backend, f"it takes {names} tensors, got {_dtype_name(dtype)}")
+    return chosen
+
+
+def _resolve_device(op: str, backend: str, device: torch.device, native_op: str | None, triton: bool) -> str:
     """Return the concrete backend for `op` on tensors of `device`.
 
     native_op: the fusedlm._C op name that carries the CPU/CUDA kernels (e.g. "layer_norm_fwd"),

@@ -29,7 +29,6 @@ from fusedlm.validation import check_same, check_tensor, fmt_shape
 OP = "attention"
 MAX_HEAD_DIM = 256
 MIN_KERNEL_HEAD_DIM = 16  # the smallest tl.dot tile
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --- Triton custom ops --------------------------------------------------------------------
@@ -109,14 +108,11 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
         raise ValueError(f"{OP}: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
     if scale is not None and not scale > 0:
         raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
-    chosen = dispatch.resolve(OP, backend, q.device, native_op=None, triton=True)
-    kernel_takes = q.dtype in KERNEL_DTYPES and d % 8 == 0 and d >= MIN_KERNEL_HEAD_DIM
-    if chosen == "reference" or (backend == "auto" and not kernel_takes):  # auto: float64, D = 12, ... too
+    chosen = dispatch.resolve(OP, backend, q.device, native_op=None, triton=True, dtype=q.dtype)
+    kernel_takes = d % 8 == 0 and d >= MIN_KERNEL_HEAD_DIM
+    if chosen == "reference" or (backend == "auto" and not kernel_takes):  # auto: D = 12, ... too
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
-    if q.dtype not in KERNEL_DTYPES:
-        raise dispatch.BackendError(f"{OP}: backend={chosen!r} cannot run these inputs: it takes float32, bfloat16 "
-                                    f"or float16, got {str(q.dtype).replace('torch.', '')}")
-    if d % 8 != 0 or d < MIN_KERNEL_HEAD_DIM:
+    if not kernel_takes:
         raise dispatch.BackendError(f"{OP}: backend={chosen!r} cannot run these inputs: it takes head dims "
                                     f"{MIN_KERNEL_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
     out, lse = _fwd_triton(q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))

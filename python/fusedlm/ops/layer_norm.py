@@ -37,7 +37,6 @@ from fusedlm.validation import check_choice, check_same, check_shape, check_tens
 
 OP = "layer_norm"
 NORMS = ("layernorm", "rmsnorm")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --- Triton custom ops --------------------------------------------------------------------
@@ -88,6 +87,11 @@ def _setup_context(ctx, inputs, output):
     ctx.rms = rms
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
+    # dx is also dresidual. When both x and residual need a gradient, residual gets a copy: one
+    # tensor returned for two inputs ends up as x.grad and residual.grad sharing storage when both
+    # are leaves (the engine hands the same tensor to both), and an in-place update of one (gradient
+    # clipping) would change the other. Costs one (M, N) copy in backward.
+    ctx.copy_dresidual = residual is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
 
 
 def _make_backward(bwd_op):
@@ -97,7 +101,8 @@ def _make_backward(bwd_op):
             dy.contiguous(), dh.contiguous() if ctx.has_residual else None,
             h, weight, mean, rstd, ctx.rms, ctx.has_bias,
         )
-        return dx, dweight, (dbias if ctx.has_bias else None), (dx if ctx.has_residual else None), None, None
+        dresidual = (dx.clone() if ctx.copy_dresidual else dx) if ctx.has_residual else None
+        return dx, dweight, (dbias if ctx.has_bias else None), dresidual, None, None
 
     return backward
 
@@ -164,11 +169,9 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
 
-    chosen = dispatch.resolve(OP, backend, x.device, native_op="layer_norm_fwd", triton=True)
+    chosen = dispatch.resolve(OP, backend, x.device, native_op="layer_norm_fwd", triton=True, dtype=x.dtype)
     if chosen == "reference":
         return reference.layer_norm(x, weight, bias, eps=eps, norm=norm, residual=residual)
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{OP}: backend={chosen!r} takes float32, bfloat16 or float16 x, got {x.dtype}")
 
     fwd, _ = _ops(chosen)
     shape = x.shape

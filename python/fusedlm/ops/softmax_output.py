@@ -52,7 +52,6 @@ from fusedlm.validation import check_choice, check_same, check_shape, check_tens
 
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_projection(op, x, weight, bias):
@@ -141,13 +140,12 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
             first = target[bad][0].item()
             raise ValueError(f"{op}: target holds {first}, outside [0, {weight.shape[0]}) and not ignore_index "
                              f"({ignore_index})")
-    chosen = dispatch.resolve(op, backend, x.device, native_op="linear_cross_entropy_fwd", triton=False)
+    chosen = dispatch.resolve(op, backend, x.device, native_op="linear_cross_entropy_fwd", triton=False,
+                              dtype=x.dtype)
     if chosen == "reference":
         return reference.linear_cross_entropy(x, weight, target.long(), bias, ignore_index=ignore_index,
                                               reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                                               softcap=softcap, return_lse=return_lse)
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{op}: backend={chosen!r} takes float32, bfloat16 or float16 x, got {x.dtype}")
 
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
