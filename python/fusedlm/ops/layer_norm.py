@@ -87,11 +87,6 @@ def _setup_context(ctx, inputs, output):
     ctx.rms = rms
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
-    # dx is also dresidual. When both x and residual need a gradient, residual gets a copy: one
-    # tensor returned for two inputs ends up as x.grad and residual.grad sharing storage when both
-    # are leaves (the engine hands the same tensor to both), and an in-place update of one (gradient
-    # clipping) would change the other. Costs one (M, N) copy in backward.
-    ctx.copy_dresidual = residual is not None and ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
 
 
 def _make_backward(bwd_op):
@@ -101,10 +96,28 @@ def _make_backward(bwd_op):
             dy.contiguous(), dh.contiguous() if ctx.has_residual else None,
             h, weight, mean, rstd, ctx.rms, ctx.has_bias,
         )
-        dresidual = (dx.clone() if ctx.copy_dresidual else dx) if ctx.has_residual else None
-        return dx, dweight, (dbias if ctx.has_bias else None), dresidual, None, None
+        return dx, dweight, (dbias if ctx.has_bias else None), (dx if ctx.has_residual else None), None, None
 
     return backward
+
+
+class _CopyGrad(torch.autograd.Function):
+    """Identity whose backward hands on a copy of the gradient.
+
+    The backward returns one tensor, dx, as the gradient of both x and residual. When residual is
+    a leaf (its .grad is kept) and x needs a gradient too, the engine would store that one tensor
+    as both x.grad and residual.grad, and an in-place update of one (gradient clipping) would
+    change the other; this gives residual its own copy. Inside a model both are activations and
+    the one tensor flows on to their producers without a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
 
 
 _OPS = {}  # backend -> (fwd op, bwd op), filled on first use so that importing costs nothing
@@ -174,6 +187,8 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
         return reference.layer_norm(x, weight, bias, eps=eps, norm=norm, residual=residual)
 
     fwd, _ = _ops(chosen)
+    if residual is not None and residual.is_leaf and residual.requires_grad and x.requires_grad:
+        residual = _CopyGrad.apply(residual)
     shape = x.shape
     x2 = x.reshape(-1, n).contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
