@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from fusedlm.validation import fmt_dtype
+
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 # Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors. Only kernels
@@ -97,10 +99,6 @@ KERNEL_DTYPES = {
 }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def resolve(op: str, backend: str, device: torch.device, native_op: str | None, triton: bool,
             dtype: torch.dtype | None = None) -> str:
     """The concrete backend for `op` on tensors of `device` and `dtype` (see _resolve_device).
@@ -112,8 +110,8 @@ def resolve(op: str, backend: str, device: torch.device, native_op: str | None, 
     if chosen != "reference" and dtype is not None and dtype not in KERNEL_DTYPES[chosen]:
         if backend == "auto":
             return "reference"
-        names = ", ".join(_dtype_name(d) for d in KERNEL_DTYPES[chosen])
-        raise _cannot(op, backend, f"it takes {names} tensors, got {_dtype_name(dtype)}")
+        names = ", ".join(fmt_dtype(d) for d in KERNEL_DTYPES[chosen])
+        raise _cannot(op, backend, f"it takes {names} tensors, got {fmt_dtype(dtype)}")
     return chosen
 
 

@@ -12,6 +12,11 @@ def fmt_shape(shape) -> str:
     return str(tuple(int(s) for s in shape))
 
 
+def fmt_dtype(dtype: torch.dtype) -> str:
+    """float32, not torch.float32."""
+    return str(dtype).replace("torch.", "")
+
+
 def _shape(t: torch.Tensor) -> str:
     return fmt_shape(t.shape)
 
@@ -20,8 +25,8 @@ def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, ndim=None, min_n
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(fmt_dtype(d) for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {fmt_dtype(t.dtype)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {_shape(t)}")
     if min_ndim is not None and t.dim() < min_ndim:
@@ -35,8 +40,8 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Te
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
     if dtype and t.dtype != ref.dtype:
         raise TypeError(
-            f"{op}: {name} must have the dtype of {ref_name} ({str(ref.dtype).replace('torch.', '')}), "
-            f"got {str(t.dtype).replace('torch.', '')}"
+            f"{op}: {name} must have the dtype of {ref_name} ({fmt_dtype(ref.dtype)}), "
+            f"got {fmt_dtype(t.dtype)}"
         )
 
 

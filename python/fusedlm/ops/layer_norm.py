@@ -36,7 +36,6 @@ from fusedlm import dispatch, reference
 from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
 
 OP = "layer_norm"
-NORMS = ("layernorm", "rmsnorm")
 
 
 # --- Triton custom ops --------------------------------------------------------------------
@@ -164,7 +163,7 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
     Returns y of x's shape and dtype, or (y, x + residual) when residual is given.
     """
     check_tensor(OP, "x", x, min_ndim=1)
-    check_choice(OP, "norm", norm, NORMS)
+    check_choice(OP, "norm", norm, reference.NORMS)
     n = x.shape[-1]
     check_tensor(OP, "weight", weight, ndim=1)
     check_same(OP, "x", x, "weight", weight)

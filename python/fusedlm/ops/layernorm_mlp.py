@@ -14,17 +14,14 @@ from fusedlm import dispatch, reference
 from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
 
 OP = "layernorm_mlp"
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
-GATED = ("swiglu", "geglu")
 
 
 def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, *, eps=1e-5,
                   norm="layernorm", activation="gelu_tanh", residual=True, recompute=False, backend="auto"):
     """y = x + proj(act(fc(norm(x)))); see the module docstring for shapes. `recompute` trades
     memory for one more GEMM in the fused backends; the reference ignores it."""
-    check_choice(OP, "norm", norm, NORMS)
-    check_choice(OP, "activation", activation, ACTIVATIONS)
+    check_choice(OP, "norm", norm, reference.NORMS)
+    check_choice(OP, "activation", activation, reference.ACTIVATIONS)
     check_tensor(OP, "x", x, min_ndim=1)
     d = x.shape[-1]
     check_tensor(OP, "norm_weight", norm_weight, ndim=1)
@@ -38,9 +35,9 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
     if fc_weight.shape[1] != d:
         raise ValueError(f"{OP}: fc_weight must have shape (h, {d}), got {tuple(fc_weight.shape)}")
     fc_out = fc_weight.shape[0]
-    if activation in GATED and fc_out % 2:
+    if activation in reference.GATED_ACTIVATIONS and fc_out % 2:
         raise ValueError(f"{OP}: a gated activation ({activation}) needs fc_weight of height 2h, got odd height {fc_out}")
-    h = fc_out // 2 if activation in GATED else fc_out
+    h = fc_out // 2 if activation in reference.GATED_ACTIVATIONS else fc_out
     if fc_bias is not None:
         check_tensor(OP, "fc_bias", fc_bias, ndim=1)
         check_shape(OP, "fc_bias", fc_bias, (fc_out,), " (the height of fc_weight)")

@@ -50,7 +50,6 @@ import torch
 from fusedlm import dispatch, reference
 from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
 
-REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
@@ -125,7 +124,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     check_shape(op, "target", target, tuple(x.shape[:-1]), " (the leading dimensions of x)")
     if target.device != x.device:
         raise ValueError(f"{op}: target is on {target.device} but x is on {x.device}")
-    check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_choice(op, "reduction", reduction, reference.REDUCTIONS)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
     if not z_loss >= 0.0:
