@@ -1,36 +1,36 @@
 #!/usr/bin/env bash
 # GPU check for a machine with a CUDA GPU and no network, in about 8 minutes:
 #   1. build the extension with the machine's torch and triton (pip install --no-build-isolation --no-deps -e .)
-#   2. the GPU tests: pytest -m "gpu or triton" over tests/, then tests/test_layer_norm.py in full
-#      (Triton on the GPU, not the interpreter)
-#   3. the GPU benchmarks: fusedlm bench --device cuda (layer_norm at 8192x768 and 32768x4096, fp32 and bf16)
+#   2. the GPU tests, one pytest per op file group IN PARALLEL (Triton compiles on the CPU cores, the GPU
+#      work is small): the tests marked "gpu" or "triton", which run the CUDA C++ and the Triton
+#      kernels on the GPU (not the interpreter), plus any GPU-only test files
+#   3. the GPU benchmarks, one op after another (alone on the GPU): fusedlm bench --device cuda --ops OP
 # Usage: benchmarks/gpu_check.sh OUTDIR
-# OUTDIR receives one log per stage, bench/ (the JSON, PNG and markdown results) and summary.txt;
-# the summary is printed last. Reads the GPU (nvidia-smi queries only) and never changes its settings.
-# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 470: every stage's time box is cut
-# to what is left of it), MAX_JOBS (default: the CPU count).
+# OUTDIR receives one log per stage, bench/ (the JSON and markdown results) and summary.txt; the summary
+# is printed last. Reads the GPU (nvidia-smi queries only) and never changes its settings.
+# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 500: every stage's time box is cut
+# to what is left of it), MAX_JOBS (default: the CPU count), GPU_CHECK_OPS (the benchmarked ops, in order).
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT/bench" && OUT=$(cd "$OUT" && pwd)
+mkdir -p "$OUT/bench" "$OUT/stages" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-500}
 T0=$(date +%s)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-STAGES=()
-FAILED=0  # the exit status: 1 when a stage after env failed, timed out or had no time left
 
-# stage NAME LIMIT_S CMD...: runs CMD with its output in OUT/NAME.log, time-boxed by LIMIT_S and the budget.
+# stage NAME LIMIT_S CMD...: runs CMD with its output in OUT/NAME.log, time-boxed by LIMIT_S and what is
+# left of the budget; writes its summary row to OUT/stages/NAME (so that stages may run in the background).
 stage() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   (( limit > left )) && limit=$left
   if (( limit < 10 )); then
     echo "gpu_check: $name skipped, the ${BUDGET} s budget is spent" | tee "$OUT/$name.log"
-    STAGES+=("$name|skipped|0|no time left"); FAILED=1; return 1
+    echo "$name|skipped|0|no time left" > "$OUT/stages/$name"; return 1
   fi
   echo "gpu_check: $name (time box ${limit} s), log $OUT/$name.log"
   local start rc note
@@ -40,9 +40,7 @@ stage() {
   # pytest's closing line, e.g. "12 passed, 3 skipped in 4.20s"
   note=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' "$OUT/$name.log" | tail -n 1 | tr -d '=')
   (( rc == 124 || rc == 137 )) && note="timed out after ${limit} s; $note"
-  STAGES+=("$name|$rc|$(( $(date +%s) - start ))|$note")
-  [[ $name != env && $rc != 0 ]] && FAILED=1
-  tail -n 3 "$OUT/$name.log"
+  echo "$name|$rc|$(( $(date +%s) - start ))|$note" > "$OUT/stages/$name"
   return $rc
 }
 
@@ -51,11 +49,28 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,co
 print(\"versions: python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda,
       \"triton\", m.version(\"triton\"))"' "$PY"
 
-if stage build 300 bash -c "set -o pipefail; time $PY -m pip install -v --no-build-isolation --no-deps -e . && \
+# pytest over the given files (those that exist): the tests marked "gpu" (CUDA C++ kernels, GPU-only
+# files) or "triton" (on a GPU, compiled, not interpreted). -p no:cacheprovider: keep the tree clean.
+gpu_tests() {
+  local files=() f
+  for f in "$@"; do [[ -f $f ]] && files+=("$f"); done
+  (( ${#files[@]} )) || { echo "no test files among: $*"; return 0; }
+  "$PY" -m pytest -q -ra -p no:cacheprovider -m "gpu or triton" "${files[@]}"
+}
+export -f gpu_tests; export PY
+
+if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-build-isolation --no-deps -e . && \
     $PY -c 'import fusedlm, fusedlm.dispatch as d; assert d._C is not None, d._C_ERROR; print(\"backends\", fusedlm.available_backends())'"; then
-  stage tests_gpu 150 "$PY" -m pytest -q -ra tests -m "gpu or triton"
-  stage test_layer_norm 100 "$PY" -m pytest -q -ra tests/test_layer_norm.py
-  stage bench 300 "$PY" -m fusedlm bench --device cuda --out "$OUT/bench"
+  stage t_attention 150 bash -c 'gpu_tests tests/test_attention.py tests/test_attention_cuda.py' &
+  stage t_layernorm_mlp 150 bash -c 'gpu_tests tests/test_layernorm_mlp.py tests/test_layernorm_mlp_triton.py' &
+  stage t_softmax_output 150 bash -c 'gpu_tests tests/test_softmax_output.py tests/test_lm_head.py' &
+  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py' &
+  wait
+  for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm}; do
+    "$PY" -c "import sys; from fusedlm.benchmarks import OPS; sys.exit(sys.argv[1] not in OPS)" "$op" || continue
+    stage "bench_$op" 75 "$PY" -m fusedlm bench --device cuda --ops "$op" --dtypes bfloat16 --repeats 30 --no-plots \
+      --out "$OUT/bench"
+  done
 else
   echo "gpu_check: the build failed; tests and benchmarks skipped (see $OUT/build.log)"
 fi
@@ -65,21 +80,31 @@ fi
   echo "=== gpu_check summary ($(( $(date +%s) - T0 )) s) ==="
   grep -E '^(gpu|cpus|versions): ' "$OUT/env.log" 2>/dev/null
   grep -E '^real' "$OUT/build.log" 2>/dev/null | sed 's/^real/build time/'
-  printf '%-16s %-8s %-6s %s\n' stage rc seconds result
-  for s in "${STAGES[@]}"; do IFS='|' read -r n rc sec note <<< "$s"; printf '%-16s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"; done
-  "$PY" - "$OUT/bench/layer_norm.cuda.json" <<'EOF' 2>/dev/null || echo "no benchmark results"
-import json, sys
-doc = json.load(open(sys.argv[1]))
-print(f"benchmark ({'complete' if doc['complete'] else 'INCOMPLETE'}) on {doc['machine']['device_name']}: "
-      "fusedlm vs baseline (median ms, x = baseline/this, GB/s)")
-rows = [r for r in doc["rows"] if r["provider"].startswith("fusedlm[") and r["mode"] != "backward"]
-for r in rows:
-    shape = "x".join(map(str, r["shape"]))
-    if r["median_ms"] is None:
-        print(f"  {r['variant']:<10} {shape:<10} {r['dtype']:<9} {r['provider']:<16} {r['mode']:<17} FAILED {r['error'][:60]}")
-        continue
-    print(f"  {r['variant']:<10} {shape:<10} {r['dtype']:<9} {r['provider']:<16} {r['mode']:<17} "
-          f"{r['median_ms']:8.3f} ms {r['ratio'] or 0:5.2f}x {r['gbps'] or 0:7.0f} GB/s {('(!) ' + r['error'][:50]) if r['error'] else ''}")
+  printf '%-20s %-8s %-6s %s\n' stage rc seconds result
+  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null); do
+    [[ -f $OUT/stages/$f ]] || continue
+    IFS='|' read -r n rc sec note < "$OUT/stages/$f"
+    printf '%-20s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"
+  done
+  for f in "$OUT"/t_*.log; do grep -E '^(FAILED|ERROR) ' "$f" | head -n 8 | cut -c1-200; done
+  "$PY" - "$OUT/bench" <<'EOF' 2>/dev/null || echo "no benchmark results"
+import json, pathlib, sys
+# forward+backward (or forward for forward-only ops): every fusedlm provider and the baseline, per case
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.cuda.json")):
+    doc = json.load(open(path))
+    print(f"{path.stem} ({'complete' if doc['complete'] else 'INCOMPLETE'}): median ms, x = baseline/this, peak MB")
+    modes = {r["mode"] for r in doc["rows"]}
+    mode = "forward+backward" if "forward+backward" in modes else "forward"
+    for r in doc["rows"]:
+        if r["mode"] != mode or not (r["provider"].startswith("fusedlm[") or r["provider"] == r.get("baseline")):
+            continue
+        shape = "x".join(map(str, r["shape"]))
+        ms = "FAILED " + (r.get("error") or "")[:50] if r["median_ms"] is None else f"{r['median_ms']:9.3f} ms"
+        peak = r.get("peak_bytes")
+        print(f"  {r['variant'][:12]:<12} {shape:<22} {r['dtype']:<9} {r['provider'][:24]:<24} {mode[:8]} {ms} "
+              f"{(r.get('ratio') or 0):5.2f}x {'' if peak is None else f'{peak / 2**20:8.0f} MB'}")
 EOF
 } | tee "$OUT/summary.txt"
-exit $FAILED
+# exit 1 when a stage after env failed, timed out or had no time left
+for f in "$OUT"/stages/*; do IFS='|' read -r n rc _ < "$f"; [[ $n != env && $rc != 0 ]] && exit 1; done
+exit 0
