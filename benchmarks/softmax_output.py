@@ -3,9 +3,10 @@
 One variant, the training loss loss = CE(x W^T, target), mean over tokens, no bias; x (N, d) and
 W (V, d) are leaves that need a gradient. The baseline is eager `F.cross_entropy(F.linear(x, W), t)`,
 which holds the (N, V) logits, their log-softmax and their gradient (N x V x 4 bytes each: 393 MiB
-at 2048 x 50304, 1.5 GiB at 8192 x 50304). The fused op holds
-one chunk of logits (about 64 MiB) and recomputes it in backward: four GEMMs of 2NVd flops
-against eager's three, in exchange for the memory.
+at 2048 x 50304, 1.5 GiB at 8192 x 50304). The C++ backends hold one chunk of logits (about 64 MiB)
+and recompute it in backward: four GEMMs of 2NVd flops against eager's three, in exchange for the
+memory. The Triton backend (GPU only) holds no logits at all, only float32 partials of O(N) and the
+float32 dW / dX accumulators, and recomputes the logit tiles in both backward kernels (five GEMMs).
 
 Peers: torch's `F.linear_cross_entropy` (torch >= 2.13) without options (its reference path) and
 with `torch.nn.LinearCrossEntropyOptions()` (its chunked path); torch.compile of the eager pair;
@@ -134,8 +135,13 @@ def providers(case: Case) -> list:
         why = (f"the extension fusedlm._C is not built ({dispatch._C_ERROR})" if dispatch._C is None
                else f"fusedlm._C has no {native} kernel for this op")
         out.append(Provider(name, None, "fusedlm", why))
-    out.append(Provider("fusedlm[triton]", None, "fusedlm", "the Triton kernel of linear_cross_entropy is not "
-                                                              "written yet"))
+    if case.device == "cpu":
+        out.append(Provider("fusedlm[triton]", None, "fusedlm",
+                            "Triton needs a GPU here; its CPU interpreter is a test tool, not a performance path"))
+    elif not dispatch._triton_importable():
+        out.append(Provider("fusedlm[triton]", None, "fusedlm", "triton is not installed"))
+    else:
+        out.append(Provider("fusedlm[triton]", _fused("triton"), "fusedlm"))
     out.append(Provider(baseline(case), _eager, "peer"))
     fn, why = _torch_lce(False)
     out.append(Provider("F.linear_cross_entropy", fn, "peer", why))

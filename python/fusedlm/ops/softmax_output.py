@@ -40,8 +40,14 @@ reduction and any upstream scaling. lse is returned with return_lse=True but car
 A target outside [0, V) that is not ignore_index raises for CPU tensors (checked here, except
 under torch.compile); the kernels never read it (that token's loss is NaN, its gradient 0).
 
-Backends for linear_cross_entropy: "cpu", "cuda" and "reference"; "triton" is a BackendError until
-its kernel lands. lm_head_softmax and sample run on the reference only (kernel backends refused).
+The Triton backend ("triton": kernels/softmax_output.py, fusedlm::linear_cross_entropy_{fwd,bwd}_triton)
+takes the same schema in the Cut Cross-Entropy manner: no chunk buffer at all; logit tiles live in
+registers, the log-sum-exp is taken online over vocabulary blocks, and backward recomputes the tiles
+in two kernels (dX per token block, dW and db per vocabulary block), deterministic without atomics.
+It shares the fake and autograd registrations below with the C++ ops.
+
+Backends for linear_cross_entropy: "cpu", "cuda", "triton" and "reference". lm_head_softmax and
+sample run on the reference only (kernel backends refused).
 """
 from __future__ import annotations
 
@@ -65,7 +71,31 @@ def _check_projection(op, x, weight, bias):
         check_shape(op, "bias", bias, (weight.shape[0],), " (V,)")
 
 
-# --- fake (meta) implementations and autograd of the C++ ops --------------------------------
+# --- Triton custom ops (kernels/softmax_output.py), same schema as the C++ ops ----------------
+
+@torch.library.custom_op("fusedlm::linear_cross_entropy_fwd_triton", mutates_args=())
+def _fwd_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedlm.kernels import softmax_output as kernels
+
+    return kernels.linear_cross_entropy_fwd(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap)
+
+
+@torch.library.custom_op("fusedlm::linear_cross_entropy_bwd_triton", mutates_args=())
+def _bwd_triton(
+    dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fusedlm.kernels import softmax_output as kernels
+
+    return kernels.linear_cross_entropy_bwd(dloss, x, weight, bias, target, lse, ignore_index, label_smoothing,
+                                            z_loss, softcap, has_bias)
+
+
+# --- fake (meta) implementations and autograd, shared by the C++ and Triton ops --------------
 
 def _fwd_fake(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap):
     n = x.shape[0]
@@ -85,18 +115,27 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
 
 
-def _backward(ctx, dloss, dlse):
-    x, weight, bias, target, lse = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.fusedlm.linear_cross_entropy_bwd.default(
-        dloss.float().contiguous(), x, weight, bias, target, lse, *ctx.options, bias is not None)
-    return dx, dweight, (dbias if bias is not None else None), None, None, None, None, None
+def _make_backward(bwd_op):
+    def backward(ctx, dloss, dlse):
+        x, weight, bias, target, lse = ctx.saved_tensors
+        dx, dweight, dbias = bwd_op(dloss.float().contiguous(), x, weight, bias, target, lse, *ctx.options,
+                                    bias is not None)
+        return dx, dweight, (dbias if bias is not None else None), None, None, None, None, None
+
+    return backward
 
 
+torch.library.register_fake("fusedlm::linear_cross_entropy_fwd_triton")(_fwd_fake)
+torch.library.register_fake("fusedlm::linear_cross_entropy_bwd_triton")(_bwd_fake)
+torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd_triton", _make_backward(_bwd_triton),
+                                setup_context=_setup_context)
 if dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CPU") or \
         dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::linear_cross_entropy_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::linear_cross_entropy_bwd")(_bwd_fake)
-    torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd",
+                                    _make_backward(torch.ops.fusedlm.linear_cross_entropy_bwd.default),
+                                    setup_context=_setup_context)
 
 
 # --- the public functions --------------------------------------------------------------------
@@ -114,7 +153,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
         label_smoothing: eps in [0, 1); z_loss: >= 0, adds z_loss * lse^2 per token;
         softcap: None, or > 0: logits -> softcap * tanh(logits / softcap).
         return_lse: also return lse (target's shape, float32, no gradient on the kernel backends).
-        backend: "auto", "cpu", "cuda" or "reference" ("triton" is refused: no kernel yet).
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedlm.dispatch).
 
     Returns the float32 loss (a scalar, or target's shape for "none"), and lse with return_lse.
     """
@@ -139,7 +178,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
             first = target[bad][0].item()
             raise ValueError(f"{op}: target holds {first}, outside [0, {weight.shape[0]}) and not ignore_index "
                              f"({ignore_index})")
-    chosen = dispatch.resolve(op, backend, x.device, native_op="linear_cross_entropy_fwd", triton=False,
+    chosen = dispatch.resolve(op, backend, x.device, native_op="linear_cross_entropy_fwd", triton=True,
                               dtype=x.dtype)
     if chosen == "reference":
         return reference.linear_cross_entropy(x, weight, target.long(), bias, ignore_index=ignore_index,
@@ -149,7 +188,8 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     t1 = target.reshape(-1).long().contiguous()
-    loss, lse = torch.ops.fusedlm.linear_cross_entropy_fwd.default(
+    fwd = _fwd_triton if chosen == "triton" else torch.ops.fusedlm.linear_cross_entropy_fwd.default
+    loss, lse = fwd(
         x2, weight.contiguous(), bias.contiguous() if bias is not None else None, t1, int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else None)
     if reduction == "mean":
