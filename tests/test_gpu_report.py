@@ -202,3 +202,20 @@ def test_shared_memory_over_the_block_limit_fails():
     ]
     records[0].shared_bytes = 227 * 1024
     assert len(check(records)) == 1
+
+
+def test_marker_with_an_op_holds_every_arch_to_that_op():
+    """`uses_tensor_cores(HMMA) NAME`: an mma.sync kernel shows HMMA on sm_90a too, and passes there."""
+    text = ("// gpu_report: uses_tensor_cores(HMMA) fwd_kernel, bwd_kernel\n"
+            "// gpu_report: uses_tensor_cores plain_kernel\n")
+    marked = {n.strip(): m.group(1) for m in gpu_report.MARKER.finditer(text) for n in m.group(2).split(",")}
+    assert marked == {"fwd_kernel": "HMMA", "bwd_kernel": "HMMA", "plain_kernel": None}
+
+    def record(arch, op, counts):
+        return Record(kernel="fwd_kernel", backend="cuda", arch=arch.name, config="-", dtype="fp16", registers=128,
+                      stack_bytes=0, shared_bytes=0, tensor_core=counts, uses_tensor_cores=True, tensor_core_op=op)
+
+    assert check([record(SM90, "HMMA", {"HMMA": 8}), record(SM80, "HMMA", {"HMMA": 8})]) == []
+    # Without the op, sm_90a wants HGMMA; with it, an HGMMA-only kernel fails (it is not the mma.sync one).
+    assert "0 HGMMA" in check([record(SM90, None, {"HMMA": 8})])[0]
+    assert "0 HMMA" in check([record(SM90, "HMMA", {"HGMMA": 8})])[0]

@@ -10,10 +10,10 @@
 
 #include <cstdint>
 
+#include "cuda/dtype.h"
+
 namespace fusedlm {
 namespace cuda {
-
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
 // Forward. residual and bias may be null; h is written only when residual is given
 // (h = x + residual rounded to dtype; the statistics are those of the stored h);

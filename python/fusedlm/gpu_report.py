@@ -12,8 +12,11 @@ What it reads
   and shown as evidence, but not checked).
 - CUDA: every csrc/cuda/*.cu, built by nvcc to one cubin per arch. A kernel that multiplies 16-bit
   matrices is marked in its source by a comment line `// gpu_report: uses_tensor_cores NAME[, NAME]`
-  (NAME: the kernel's unqualified name). The block size is not in a cubin: it comes from
-  `__launch_bounds__` (EIATTR_MAX_THREADS); without one the occupancy is not computed (n/a).
+  (NAME: the kernel's unqualified name; it must show each arch's own tensor-core op, below), or
+  `// gpu_report: uses_tensor_cores(OP) NAME` for a kernel written for one instruction on every arch:
+  OP = HMMA for mma.sync, which sm_90a also runs as HMMA (HGMMA comes only from wgmma). The block
+  size is not in a cubin: it comes from `__launch_bounds__` (EIATTR_MAX_THREADS); without one the
+  occupancy is not computed (n/a).
 
 What it measures, from `cuobjdump` on each cubin: registers per thread, stack (spill) bytes per
 thread, shared memory per block (static + Triton's dynamic), tensor-core instructions in the SASS,
@@ -21,7 +24,8 @@ and the theoretical occupancy (resident warps per SM) from registers, shared mem
 
 What it checks (exit 1 naming the kernel, configuration, arch and number): every kernel compiles
 for both archs; stack bytes are 0; shared memory fits the per-block limit (227 KiB sm_90, 163 KiB
-sm_80); a kernel marked as multiplying 16-bit matrices shows HGMMA on sm_90a and HMMA on sm_80.
+sm_80); a kernel marked as multiplying 16-bit matrices shows HGMMA on sm_90a and HMMA on sm_80
+(or its marker's OP on both).
 It proves what the compiler emits; it is not a timing.
 """
 from __future__ import annotations
@@ -71,7 +75,7 @@ SUB_PARTITIONS = 4  # each SM splits its register file between 4 schedulers
 TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA", "DMMA")
 CUDA_DTYPES = {"float": "fp32", "__half": "fp16", "half": "fp16", "__nv_bfloat16": "bf16", "double": "fp64"}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]  # as setup.py builds them
-MARKER = re.compile(r"//\s*gpu_report:\s*uses_tensor_cores[ \t]+(\w+(?:[ \t]*,[ \t]*\w+)*)")
+MARKER = re.compile(r"//\s*gpu_report:\s*uses_tensor_cores(?:\((\w+)\))?[ \t]+(\w+(?:[ \t]*,[ \t]*\w+)*)")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Record:
     occupancy_warps: int | None = None
     threads: int | None = None  # block size the occupancy assumes
     uses_tensor_cores: bool = False
+    tensor_core_op: str | None = None  # the op a marked kernel must show on every arch; None: the arch's
     pruned: str | None = None
     error: str | None = None
 
@@ -377,7 +382,8 @@ def cuda_records(root: Path, jobs: list, cuobjdump: str) -> list[Record]:
     records = []
     for source, arch, path, future in jobs:
         rel = source.relative_to(root).as_posix()
-        marked = {n.strip() for m in MARKER.finditer(source.read_text()) for n in m.group(1).split(",") if n.strip()}
+        marked = {n.strip(): m.group(1) for m in MARKER.finditer(source.read_text())
+                  for n in m.group(2).split(",") if n.strip()}
         error = future.result()
         if error:
             records.append(Record(kernel=rel, backend="cuda", arch=arch.name, config="-", dtype="-", error=error))
@@ -389,9 +395,9 @@ def cuda_records(root: Path, jobs: list, cuobjdump: str) -> list[Record]:
             kernel, targs, dtype = _split_cuda_name(names[mangled])
             seen.add(kernel)
             record = Record(kernel=kernel, backend="cuda", arch=arch.name, config=targs, dtype=dtype,
-                            uses_tensor_cores=kernel in marked)
+                            uses_tensor_cores=kernel in marked, tensor_core_op=marked.get(kernel))
             records.append(_fill(record, arch, stats[mangled]))
-        for kernel in sorted(marked - seen):
+        for kernel in sorted(set(marked) - seen):
             records.append(Record(kernel=kernel, backend="cuda", arch=arch.name, config="-", dtype="-",
                                   uses_tensor_cores=True,
                                   error=f"{rel} marks uses_tensor_cores {kernel} but its cubin has no such kernel"))
@@ -415,8 +421,9 @@ def check(records: list[Record]) -> list[str]:
         arch = limits[r.arch]
         if r.shared_bytes > arch.smem_per_block:
             failures.append(f"{where}: shared memory {r.shared_bytes} bytes per block > {arch.smem_per_block} limit")
-        if r.uses_tensor_cores and not r.tensor_core.get(arch.tensor_core_op):
-            failures.append(f"{where}: multiplies 16-bit matrices but its SASS has 0 {arch.tensor_core_op} "
+        want = r.tensor_core_op or arch.tensor_core_op
+        if r.uses_tensor_cores and not r.tensor_core.get(want):
+            failures.append(f"{where}: multiplies 16-bit matrices but its SASS has 0 {want} "
                             f"(tensor-core instructions: {r.tensor_core or 'none'})")
     return failures
 

@@ -1,0 +1,188 @@
+// CUDA attention forward, FlashAttention-2 on tensor cores (contract in attention.h; building
+// blocks and fragment layouts in attention_common.cuh; backward in attention_bwd.cu).
+//
+// A block owns BM = 16 * kWarps query rows of one (batch, query head); warp w owns rows
+// [16 w, 16 w + 16) and never talks to the other warps. Over key blocks j of BN keys, in float32:
+//
+//   s   = q k_j^T * scale * log2(e)          base 2: exp2 instead of exp, the scale folded in
+//   m'  = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
+//   l   = alpha l + rowsum p;  o = alpha o + p v_j   (p rounded to T for the tensor cores)
+//   out = o / l;  lse = (m + log2 l) ln 2
+//
+// A row whose keys are all masked so far keeps m = -inf and shifts by 0 instead (p = alpha = 0,
+// never NaN); if it never sees a key it stores out = 0 and lse = -inf.
+// Causal (query i sees key j iff j <= i + Nk - Nq): the key loop stops after the last key the
+// block's last row sees, so blocks above the diagonal are never loaded; only blocks that cross
+// the diagonal or the Nk tail evaluate the mask.
+// Pipeline: K_j, V_j for stage j & 1 arrive by cp.async while block j - 1 is computed (one
+// __syncthreads per key block). Rows past Nq / keys past Nk are zero-filled in shared memory.
+// Memory traffic: q once, K and V once per query block (B Hq ceil(Nq / BM) 2 Nk D bytes-per-element,
+// about halved by causal skipping), out once, 4 bytes of lse per row.
+#include "cuda/attention.h"
+#include "cuda/attention_common.cuh"
+
+namespace fusedlm {
+namespace cuda {
+namespace {
+
+using namespace attn;
+
+template <int D>
+struct FwdTile {
+  static constexpr int kWarps = 4, kBM = 16 * kWarps, kBN = 64, kThreads = kWarps * kWarp;
+  static constexpr int kSmemBytes = (kBM + 4 * kBN) * Smem<D>::kStride * 2;  // q, 2 stages of k and v
+};
+
+// gpu_report: uses_tensor_cores(HMMA) attention_fwd_kernel
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(const FwdParams p) {
+  using Tile = FwdTile<D>;
+  constexpr int S = Smem<D>::kStride, BM = Tile::kBM, BN = Tile::kBN, kThreads = Tile::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + BM * S;  // [2][BN][S]
+  T* sv = sk + 2 * BN * S;
+
+  // Heavy causal blocks (the last rows see the most keys) start first.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int h = blockIdx.y, b = blockIdx.z, h_kv = h / p.group;
+  const T* q = static_cast<const T*>(p.q) + b * p.qs.batch + h * p.qs.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.ks.batch + h_kv * p.ks.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.vs.batch + h_kv * p.vs.head;
+  const int offset = p.n_k - p.n_q;  // causal: row i sees keys j <= i + offset
+  const int key_end = p.causal ? min(p.n_k, max(0, m0 + BM + offset)) : p.n_k;
+  const int n_blocks = (key_end + BN - 1) / BN;
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane >> 2, t = lane & 3;
+  load_tile_async<BM, D, kThreads>(sq, q, p.qs.row, m0, p.n_q);
+  if (n_blocks > 0) {
+    load_tile_async<BN, D, kThreads>(sk, k, p.ks.row, 0, p.n_k);
+    load_tile_async<BN, D, kThreads>(sv, v, p.vs.row, 0, p.n_k);
+  }
+  cp_async_commit();
+
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int row[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
+  const T* sq_warp = sq + 16 * warp * S;
+
+  for (int j = 0; j < n_blocks; ++j) {
+    cp_async_wait<0>();
+    __syncthreads();  // block j landed for every thread; everyone is done with block j - 1's stage
+    if (j + 1 < n_blocks) {
+      const int stage = (j + 1) & 1;
+      load_tile_async<BN, D, kThreads>(sk + stage * BN * S, k, p.ks.row, (j + 1) * BN, p.n_k);
+      load_tile_async<BN, D, kThreads>(sv + stage * BN * S, v, p.vs.row, (j + 1) * BN, p.n_k);
+    }
+    cp_async_commit();
+    const T* sk_j = sk + (j & 1) * BN * S;
+    const T* sv_j = sv + (j & 1) * BN * S;
+
+    float s[BN / 8][4] = {};
+    mma_abt<T, BN, D, S>(s, sq_warp, sk_j, lane);
+
+    const int n0 = j * BN;
+    const bool masked = n0 + BN > p.n_k || (p.causal && n0 + BN - 1 > m0 + offset);
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] *= p.scale_log2;
+        if (masked) {
+          const int col = n0 + 8 * n + 2 * t + (e & 1);
+          if (col >= p.n_k || (p.causal && col > row[e >> 1] + offset)) s[n][e] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = quad_max(mx);
+      const float shift = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m[r] - shift);
+      m[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] - shift);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - shift);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      l[r] = l[r] * alpha + sum;  // this lane's columns only; summed over the quad at the end
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        o[d][2 * r] *= alpha;
+        o[d][2 * r + 1] *= alpha;
+      }
+    }
+    uint32_t pa[BN / 16][4];
+    to_a_frags<T, BN>(s, pa);
+    mma_pb<T, BN, D, S>(o, pa, sv_j, lane);
+  }
+  cp_async_wait<0>();
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(l[r]);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    if (t == 0 && row[r] < p.n_q) {
+      p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.n_q + row[r]] =
+          sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+  T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads_q + h) * p.n_q * D;
+  store_rows<T, D>(out, o, m0 + 16 * warp, p.n_q, inv[0], inv[1], lane);
+}
+
+template <typename T, int D>
+cudaError_t launch_fwd(const FwdParams& p, int batch, cudaStream_t stream) {
+  using Tile = FwdTile<D>;
+  auto kernel = attention_fwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.n_q + Tile::kBM - 1) / Tile::kBM, p.heads_q, batch);
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd_head_dim(const FwdParams& p, int batch, int64_t d, cudaStream_t stream) {
+  switch (d) {
+    case 64:
+      return launch_fwd<T, 64>(p, batch, stream);
+    case 80:
+      return launch_fwd<T, 80>(p, batch, stream);
+    case 96:
+      return launch_fwd<T, 96>(p, batch, stream);
+    case 128:
+      return launch_fwd<T, 128>(p, batch, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t attention_fwd(DType dtype, const void* q, const void* k, const void* v, void* out, float* lse,
+                          const AttentionDims& dims, RowStrides q_strides, RowStrides k_strides, RowStrides v_strides,
+                          float scale, bool causal, cudaStream_t stream) {
+  if (!attention_dims_ok(dims)) return cudaErrorInvalidValue;
+  if (dims.n_q == 0 || dims.batch == 0) return cudaSuccess;
+  if (dtype != DType::Float32 &&
+      (!rows_aligned(q, q_strides) || !rows_aligned(k, k_strides) || !rows_aligned(v, v_strides))) {
+    return cudaErrorInvalidValue;
+  }
+  const FwdParams p{q, k, v, out, lse, q_strides, k_strides, v_strides, static_cast<int>(dims.heads_q),
+                    static_cast<int>(dims.heads_q / dims.heads_kv), static_cast<int>(dims.n_q),
+                    static_cast<int>(dims.n_k), scale * kLog2e, causal};
+  const int batch = static_cast<int>(dims.batch);
+  if (dtype == DType::Float32) return attention_fwd_fp32(p, batch, dims.head_dim, stream);
+  return dtype == DType::Float16 ? fwd_head_dim<__half>(p, batch, dims.head_dim, stream)
+                                 : fwd_head_dim<__nv_bfloat16>(p, batch, dims.head_dim, stream);
+}
+
+}  // namespace cuda
+}  // namespace fusedlm
