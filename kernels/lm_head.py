@@ -11,14 +11,15 @@ Two launches; the logits never exist outside the output buffer.
    domain, u = (z + b) log2(e) / T, stores u into probs (the output doubles as the logits buffer)
    and writes each token's tile statistics m_t = max u, s_t = sum 2^(u - m_t) to a small (N, V / BV)
    float32 buffer pair: the online max/sum, one tile at a time.
-2. `_lm_head_normalize_kernel`, program (v, r): folds a token's tile statistics into its row max m
+2. `_lm_head_normalize_kernel`, program (r, v): folds a token's tile statistics into its row max m
    and sum s = sum_t s_t 2^(m_t - m), then rewrites its columns as p = 2^(u - m) / s.
 
 Traffic: the GEMM reads W once per token block (the whole cost for decode: V d 2 bytes, 500 MiB
 at 128256 x 2048 in bf16) and writes N V 4 bytes; the second pass reads and writes those N V 4
 bytes again, plus 8 bytes per (token, tile). Recomputing the GEMM instead of the second pass would
 read W twice, which costs more than rewriting the row at any N a decode or a prefill uses.
-fp32 math everywhere; fp32 inputs use IEEE dots (no TF32), 16-bit ones tensor cores.
+fp32 math everywhere; fp32 inputs use IEEE dots (no TF32), 16-bit ones tensor cores, whose float32
+logits are not rounded to the input dtype (F.linear's are: one rounding fewer than the reference).
 
 GPU tiles (tables below, checked for spills by static_report_specs() / `make gpu-report`);
 under TRITON_INTERPRET=1 (CPU tensors, fp32) large tiles: few programs, since the interpreter's
@@ -85,11 +86,12 @@ def _lm_head_normalize_kernel(
     n_rows, vocab, u_row_stride, n_tiles,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Program (v, r): rows [r BLOCK_R, ...) x columns [v BLOCK_V, ...) of U := 2^(U - m) / s, with
+    """Program (r, v): rows [r BLOCK_R, ...) x columns [v BLOCK_V, ...) of U := 2^(U - m) / s, with
     each row's (m, s) folded from its n_tiles tile statistics (every program of a row folds them
-    again: n_tiles * 8 bytes, small beside the BLOCK_V * 8 bytes it rewrites)."""
-    pid_v = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    again: n_tiles * 8 bytes, small beside the BLOCK_V * 8 bytes it rewrites). Rows on grid axis 0,
+    which takes 2^31 - 1 programs (axis 1 takes 65535)."""
+    pid_r = tl.program_id(0)
+    pid_v = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -192,7 +194,7 @@ def lm_head_softmax(x, weight, bias, temperature: float):
             HAS_BIAS=bias is not None, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
         )
-        _lm_head_normalize_kernel[(triton.cdiv(vocab, block_vn), triton.cdiv(n_rows, block_r))](
+        _lm_head_normalize_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(vocab, block_vn))](
             probs, tile_max, tile_sum, n_rows, vocab, probs.stride(0), n_tiles,
             BLOCK_R=block_r, BLOCK_V=block_vn, BLOCK_T=BLOCK_T, num_warps=warps_n, num_stages=1,
         )
@@ -224,7 +226,7 @@ def static_report_specs() -> list[dict]:
     block_r, block_v, warps = GPU_NORMALIZE
     specs.append(_spec(
         _lm_head_normalize_kernel, "fp32", warps, 1, {"BLOCK_R": block_r, "BLOCK_V": block_v, "BLOCK_T": BLOCK_T},
-        ["*fp32"] * 3 + ["i32"] * 4, (), False, "odd V",
+        ["*fp32"] * 3 + ["i32"] * 4, (), False, "any V",
     ))
     return specs
 

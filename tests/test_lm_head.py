@@ -168,11 +168,11 @@ def test_lm_head_softmax_backward_without_bias_and_through_one_input(backend):
 
 
 def _op(backend):
-    return torch.ops.fusedlm.lm_head_softmax.default if backend == "cpu" else \
-        torch.ops.fusedlm.lm_head_softmax_triton.default
+    return torch.ops.fusedlm.lm_head_softmax_triton.default if backend == "triton" else \
+        torch.ops.fusedlm.lm_head_softmax.default
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_lm_head_softmax_opcheck(backend, bias):
     _need_kernel(backend)
@@ -182,7 +182,7 @@ def test_lm_head_softmax_opcheck(backend, bias):
     torch.library.opcheck(_op(backend), (x, w, b, 0.9))
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lm_head_softmax_torch_compile_fullgraph(backend):
     _need_kernel(backend)
     device = backend_device(backend)
