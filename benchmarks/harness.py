@@ -59,7 +59,9 @@ class Case:
 
 @dataclass
 class Inputs:
-    """Keyword tensors for the providers, and one gradient per provider output."""
+    """Keyword tensors for the providers, and one gradient per provider output. No gradients (an
+    empty tuple) marks a forward-only op (generation): its inputs need no grad, nothing runs backward,
+    and its module times MODES = ("forward",)."""
     tensors: dict
     grads: tuple
 
@@ -192,8 +194,14 @@ def _cpu_rep(fn, inputs: Inputs, mode: str) -> float:
     return t1 - t0
 
 
+def backward(outs, inputs: Inputs) -> None:
+    """Backward over every output with the fixed gradients; nothing for a forward-only op."""
+    if inputs.grads:
+        torch.autograd.backward(outs, inputs.grads)
+
+
 def _fwd_bwd(fn, inputs: Inputs) -> None:
-    torch.autograd.backward(_as_tuple(fn(inputs.tensors)), inputs.grads)
+    backward(_as_tuple(fn(inputs.tensors)), inputs)
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -267,7 +275,7 @@ def _warm_up(providers: list, inputs: Inputs, warmup: int, device: str, errors: 
         try:
             t0 = time.perf_counter()
             outs = _as_tuple(p.fn(inputs.tensors))
-            torch.autograd.backward(outs, inputs.grads)
+            backward(outs, inputs)
             _sync(device)
             first_call[p.name] = time.perf_counter() - t0
             outputs[p.name] = outs[0].detach()

@@ -90,7 +90,8 @@ def measure_phases(fn, inputs: Inputs, meter, release=lambda: None) -> dict:
     fwd_peak = meter.peak()
     base1 = meter.current()
     meter.reset()
-    torch.autograd.backward(outs, inputs.grads)
+    if inputs.grads:  # a forward-only op (generation) has no backward phase
+        torch.autograd.backward(outs, inputs.grads)
     bwd_peak = meter.peak()
     del outs
     inputs.zero_grad()

@@ -137,8 +137,9 @@ def write_json(path: Path, opmod, rows: list, skipped: dict, info: dict, setting
 
 
 def plot(path: Path, opmod, rows: list, info: dict) -> str | None:
-    """One subplot per (variant, dtype): bars per provider; groups are the modes (one shape)
-    or the shapes in forward+backward (several). Returns a note when nothing was drawn."""
+    """One subplot per (variant, dtype): bars per provider; groups are the modes (one shape) or the
+    shapes in the op's last mode, forward+backward unless it times fewer (several). Returns a note
+    when nothing was drawn."""
     try:
         import matplotlib
 
@@ -160,7 +161,8 @@ def plot(path: Path, opmod, rows: list, info: dict) -> str | None:
             ax = axes[i][j]
             sel = [r for r in rows if r.case.variant == variant and r.case.dtype == dtype and r.median_ms is not None]
             shapes = list(dict.fromkeys(r.case.label for r in sel))
-            groups = [(shapes[0], m) for m in MODES] if len(shapes) == 1 else [(s, MODES[2]) for s in shapes]
+            modes = getattr(opmod, "MODES", MODES)  # a forward-only op plots its forward per shape
+            groups = [(shapes[0], m) for m in modes] if len(shapes) == 1 else [(s, modes[-1]) for s in shapes]
             here = [p for p in providers if any(r.provider == p for r in sel)]
             width = 0.8 / max(1, len(here))
             for k, prov in enumerate(here):
@@ -179,7 +181,7 @@ def plot(path: Path, opmod, rows: list, info: dict) -> str | None:
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-            title = shapes[0] if len(shapes) == 1 else "forward+backward"
+            title = shapes[0] if len(shapes) == 1 else modes[-1]
             ax.set_title(f"{variant}, {dtype}, {title}", fontsize=9)
             ax.set_ylabel("ms (median, p20-p80)", fontsize=8)
             ax.legend(fontsize=7)

@@ -38,7 +38,6 @@ def _small_inputs():
         "layernorm_mlp": lambda b: fusedlm.layernorm_mlp(torch.randn(3, 8), torch.ones(8), torch.zeros(8),
                                                          torch.randn(16, 8), None, torch.randn(8, 16), None,
                                                          backend=b),
-        "lm_head_softmax": lambda b: fusedlm.lm_head_softmax(torch.randn(3, 8), torch.randn(11, 8), backend=b),
     }
 
 
@@ -99,13 +98,3 @@ def test_linear_cross_entropy_bad_inputs():
         fusedlm.linear_cross_entropy(x, torch.randn(11, 7), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="linear_cross_entropy: reduction must be one of"):
         fusedlm.linear_cross_entropy(x, w, torch.tensor([0, 1, 2]), reduction="avg")
-
-
-def test_sample_bad_options():
-    x, w = torch.randn(3, 8), torch.randn(11, 8)
-    with pytest.raises(ValueError, match="sample: top_k must be a positive integer"):
-        fusedlm.sample(x, w, top_k=0)
-    with pytest.raises(ValueError, match=r"sample: top_p must be in \(0, 1\]"):
-        fusedlm.sample(x, w, top_p=1.5)
-    with pytest.raises(ValueError, match="sample: temperature must be >= 0"):
-        fusedlm.sample(x, w, temperature=-1.0)

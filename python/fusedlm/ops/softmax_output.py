@@ -1,8 +1,7 @@
-r"""The softmax output: the vocabulary projection with its softmax.
+r"""The softmax output for training: the vocabulary projection with its cross-entropy loss.
+(Generation, lm_head_softmax and sample, lives in lm_head.py.)
 
     linear_cross_entropy: loss = CE(softcap(x W^T + b), target) (+ z_loss * lse^2 per token)
-    lm_head_softmax:      probs = softmax((x W^T + b) / temperature), float32
-    sample:               ids ~ probs after top-k / top-p filtering (argmax when temperature == 0)
 
 linear_cross_entropy, per token with logits z = x W^T + b (V of them), eps = label_smoothing:
 
@@ -46,8 +45,7 @@ registers, the log-sum-exp is taken online over vocabulary blocks, and backward 
 in two kernels (dX per token block, dW and db per vocabulary block), deterministic without atomics.
 It shares the fake and autograd registrations below with the C++ ops.
 
-Backends for linear_cross_entropy: "cpu", "cuda", "triton" and "reference". lm_head_softmax and
-sample run on the reference only (kernel backends refused).
+Backends for linear_cross_entropy: "cpu", "cuda", "triton" and "reference".
 """
 from __future__ import annotations
 
@@ -201,27 +199,3 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
         loss = loss.view(target.shape)
     return (loss, lse.view(target.shape)) if return_lse else loss
 
-
-def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
-    """Next-token probabilities softmax((x @ weight.T + bias) / temperature), (..., V) float32."""
-    op = "lm_head_softmax"
-    _check_projection(op, x, weight, bias)
-    if not temperature > 0:
-        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
-    dispatch.resolve(op, backend, x.device, native_op=None, triton=False)
-    return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
-
-
-def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Token ids (x.shape[:-1], int64) drawn from lm_head_softmax after top-k / top-p filtering;
-    temperature=0 is greedy argmax. A seeded torch.Generator makes draws repeat."""
-    op = "sample"
-    _check_projection(op, x, weight, bias)
-    if not temperature >= 0:
-        raise ValueError(f"{op}: temperature must be >= 0, got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"{op}: top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{op}: top_p must be in (0, 1] or None, got {top_p}")
-    return reference.sample(x, weight, bias, temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator)

@@ -1,0 +1,44 @@
+// exp over 16 float32 lanes for the AVX-512 row kernels (internal to csrc/cpu). The function
+// carries its own target("avx512f"), so it inlines into row kernels compiled for avx512f and up
+// (a target pragma) while the file around them stays portable; call those only after select_isa
+// chose Isa::Avx512.
+//
+// exp(x) = 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2: e^r by its degree-7 Taylor
+// polynomial (truncation error r^8 / 8! < 1e-8 relative, below float32 rounding), 2^n applied by
+// scalef. Inputs are clamped to [-104, 88.7]: below, the result underflows cleanly to 0 (exp(-inf)
+// = 0, as a masked softmax column needs); above, it would overflow float32 anyway.
+//
+// csrc/cpu/softmax_output.cpp keeps a private copy of the same function (that file is frozen on
+// this branch); it should include this header instead.
+#pragma once
+
+#include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
+
+#if FUSEDLM_X86
+#include <immintrin.h>
+
+namespace fusedlm {
+namespace cpu {
+namespace avx512 {
+
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 17 bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fusedlm
+#endif  // FUSEDLM_X86

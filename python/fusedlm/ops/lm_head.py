@@ -1,0 +1,170 @@
+r"""Generation from the language-model head: next-token probabilities and sampling.
+
+    lm_head_softmax:  probs = softmax((x W^T + b) / T), float32, (..., V)
+    sample:           ids ~ probs after top-k / top-p filtering; argmax of the logits when T == 0
+
+Forward, per token with logits z = x W^T + b (V of them), in float32 whatever x's dtype:
+
+    u = z / T,   m = max_v u_v,   p_v = exp(u_v - m) / sum_w exp(u_w - m)
+
+(the max subtracted, so no exp overflows for any logit or temperature). Backward, for a user who
+calls it while training, with g = dL/dp the upstream gradient of a token's probabilities:
+
+    dz = p * (g - sum_v g_v p_v) / T,   dx = dz W,   dW = dz^T x,   db = sum_tokens dz
+
+computed with ATen from the saved x, W and p (the output: nothing extra is kept); dW and db in
+float32, cast to W's dtype. The forward is the fused part (the row pass reads each logit twice
+and writes each probability once more than the GEMM); the backward is three GEMMs either way.
+
+The C++ op schema (csrc/torch/lm_head*.cpp; the Triton op `lm_head_softmax_triton` has the same):
+
+    lm_head_softmax(x, weight, bias?, temperature) -> probs
+        x: (N, d) contiguous float32 / bfloat16 (float16 too on CUDA and Triton); weight: (V, d) and
+        bias: (V,) of x's dtype; temperature > 0. probs: (N, V) float32.
+
+CPU: the GEMM through ATen (MKL/oneDNN), straight into probs for float32, per token chunk into a
+bf16 buffer for bf16 (the logits rounded as F.linear rounds them); then one OpenMP / AVX-512 row
+pass (csrc/cpu/lm_head.cpp) that scales by 1 / T, takes the max and writes the normalised
+probabilities. CUDA: the same with cuBLAS and a block per row (csrc/cuda/lm_head.cu). Triton:
+kernels/lm_head.py, the GEMM tiles with the bias, temperature and per-tile max / sum in their
+epilogue, then a normalising pass.
+
+sample's filtering (top-k, then top-p on what top-k left, then a draw from the renormalised rest)
+follows fusedlm.reference.sample, applied to the probabilities instead of the logits: top-k keeps
+the tokens whose probability is >= the k-th largest, which are the reference's tokens except where
+two different logits round to one float32 probability (both are kept). Its draws come from
+torch.multinomial with the given generator, so a seeded generator repeats them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedlm import dispatch, reference
+from fusedlm.ops.softmax_output import _check_projection
+
+OP = "lm_head_softmax"
+
+
+# --- Triton custom op ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fusedlm::lm_head_softmax_triton", mutates_args=())
+def _fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    from fusedlm.kernels import lm_head as kernels
+
+    return kernels.lm_head_softmax(x, weight, bias, temperature)
+
+
+# --- fake (meta) implementation and autograd, shared by the C++ and Triton ops ---------------------
+
+def _fake(x, weight, bias, temperature):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, temperature = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.temperature = temperature
+
+
+def _backward(ctx, dprobs):
+    x, weight, probs = ctx.saved_tensors
+    g = dprobs.float()
+    dz = probs * (g - (g * probs).sum(-1, keepdim=True)) / ctx.temperature  # (N, V) float32
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = (dz.to(x.dtype) @ weight) if need_x else None  # in x's dtype, as autograd of F.linear gives it
+    dweight = (dz.t() @ x.float()).to(weight.dtype) if need_w else None
+    dbias = dz.sum(0).to(weight.dtype) if ctx.has_bias and need_b else None
+    return dx, dweight, dbias, None
+
+
+torch.library.register_fake("fusedlm::lm_head_softmax_triton")(_fake)
+torch.library.register_autograd("fusedlm::lm_head_softmax_triton", _backward, setup_context=_setup_context)
+if dispatch.has_cpp_kernel("lm_head_softmax", "CPU") or dispatch.has_cpp_kernel("lm_head_softmax", "CUDA"):
+    torch.library.register_fake("fusedlm::lm_head_softmax")(_fake)
+    torch.library.register_autograd("fusedlm::lm_head_softmax", _backward, setup_context=_setup_context)
+
+
+def _op(backend: str):
+    return _fwd_triton if backend == "triton" else torch.ops.fusedlm.lm_head_softmax.default
+
+
+# --- the public functions --------------------------------------------------------------------
+
+def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
+    """Next-token probabilities softmax((x @ weight.T + bias) / temperature) in one fused pass.
+
+    Args:
+        x: (..., d) float32, bfloat16 or float16 (float16: cuda / triton; float64: reference).
+        weight: (V, d), bias: (V,) or None, both of x's dtype.
+        temperature: > 0; the logits are divided by it before the softmax.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedlm.dispatch).
+
+    Returns (..., V) float32 probabilities (float64 on the reference backend for float64 inputs),
+    differentiable with respect to x, weight and bias.
+    """
+    _check_projection(OP, x, weight, bias)
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{OP}: temperature must be a number > 0, got {temperature!r}")
+    chosen = dispatch.resolve(OP, backend, x.device, native_op="lm_head_softmax", triton=True, dtype=x.dtype)
+    if chosen == "reference":
+        return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
+    d, vocab = x.shape[-1], weight.shape[0]
+    probs = _op(chosen)(x.reshape(-1, d).contiguous(), weight.contiguous(),
+                        bias.contiguous() if bias is not None else None, float(temperature))
+    return probs.view(*x.shape[:-1], vocab)
+
+
+def _check_generator(op, generator, device):
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    gen = generator.device
+    if gen.type != device.type or (gen.index is not None and device.index is not None and gen.index != device.index):
+        raise ValueError(f"{op}: generator is on {gen} but x is on {device}")
+
+
+def filter_top_k_top_p(probs, top_k=None, top_p=None):
+    """(rows, V) probabilities with the tokens outside top-k, then outside top-p of what is left,
+    set to 0, renormalised to sum 1 per row (fusedlm.reference.sample's rules, on probabilities)."""
+    vocab = probs.shape[-1]
+    if top_k is not None and top_k < vocab:
+        kth = torch.topk(probs, int(top_k), dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p is not None and top_p < 1.0:
+        kept = probs / probs.sum(-1, keepdim=True)  # the softmax of what top-k left
+        sorted_probs, order = torch.sort(kept, dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p (the first is always kept).
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop_sorted[:, 0] = False
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Token ids (x.shape[:-1], int64): one draw per token of x from lm_head_softmax (backend "auto")
+    after top-k / top-p filtering; temperature=0 is the greedy argmax of the logits (the lowest index
+    among ties), where top_k and top_p do not matter. A seeded torch.Generator makes draws repeat.
+
+    Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
+    generator: None or a torch.Generator on x's device. temperature: >= 0.
+    """
+    op = "sample"
+    _check_projection(op, x, weight, bias)
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"{op}: temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, float))
+                              or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"{op}: top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"{op}: top_p must be in (0, 1] or None, got {top_p!r}")
+    _check_generator(op, generator, x.device)
+    with torch.no_grad():  # token ids carry no gradient
+        if temperature == 0:
+            return F.linear(x, weight, bias).argmax(dim=-1)
+        probs = lm_head_softmax(x, weight, bias, temperature=temperature)
+        probs = filter_top_k_top_p(probs.reshape(-1, weight.shape[0]), top_k, top_p)
+        ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return ids.reshape(x.shape[:-1])
