@@ -1,0 +1,86 @@
+// Internal to csrc/cpu/attention*.cpp: the fp32 tile kernels the flash drivers (attention.cpp)
+// are built from, as a table of function pointers with a portable version (attention.cpp) and an
+// AVX-512 one (attention_avx512.cpp), picked at run time.
+//
+// Score tiles are stored transposed, S^T: one row per key (kKeyBlock rows), one column per query
+// (kQueryBlock columns, row stride kQueryBlock). Along a row the queries are the SIMD lanes, so the
+// online softmax's per-query max and sum are element-wise across rows (no horizontal reductions),
+// and every GEMM of the algorithm is one shape: C (M x N, N dense) (+)= A (M x K, any strides) B
+// (K x N, N dense), with A's elements broadcast. Its operands are K or V rows as they lie in
+// memory, Q^T / dO^T packed once per query block (forward) or head (backward), and the tiles.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fusedlm {
+namespace cpu {
+namespace attn {
+
+constexpr int64_t kQueryBlock = 64;  // queries per tile: 4 AVX-512 vectors of fp32
+constexpr int64_t kKeyBlock = 64;    // keys per tile
+
+// C[i][j] (+)= sum_p A[i * a_row + p * a_col] * B[p * ldb + j] for i < m, j < n, p < k.
+using GemmFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                        const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// Causal mask of a tile whose first key is k0 and first query q0: key row r is hidden from query
+// column c iff k0 + r > q0 + c + (Nk - Nq), i.e. c < r + diag with diag = k0 - q0 - (Nk - Nq).
+struct TileMask {
+  bool on;
+  int64_t diag;
+};
+
+// One online-softmax step of the forward on the score tile s (nk x nq valid, base-2 units:
+// scale * log2(e) is folded into Q^T): m' = max(m, colmax(s)), s := p = exp2(s - m'),
+// l := l * exp2(m - m') + colsum(p), and the accumulator rows o[c] (d floats each, row stride d)
+// are scaled by exp2(m - m'). Hidden entries become p = 0; a query that has seen no key keeps
+// m = -inf and is shifted by 0, so p and the factor are 0, never NaN.
+using SoftmaxFwdFn = void (*)(float* s, int64_t nk, int64_t nq, TileMask mask, float* m, float* l, float* o,
+                              int64_t d);
+
+// The backward's tile step: s := p = exp2(s - lse2[c]) (lse2 = lse * log2(e), +inf for a query that
+// sees no key), dp := ds = p * (dp - delta[c]) * scale; hidden entries give p = ds = 0.
+using SoftmaxBwdFn = void (*)(float* s, float* dp, int64_t nk, int64_t nq, TileMask mask, const float* lse2,
+                              const float* delta, float scale);
+
+// bf16 bits -> fp32, n values.
+using Bf16ToFloatFn = void (*)(const uint16_t* src, float* dst, int64_t n);
+
+struct TileKernels {
+  GemmFn gemm;
+  SoftmaxFwdFn softmax_fwd;
+  SoftmaxBwdFn softmax_bwd;
+  Bf16ToFloatFn bf16_to_float;
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FUSEDLM_ATTN_X86 1
+// The AVX-512 kernels (avx512f/bw/vl; call only when the CPU has them).
+TileKernels avx512_tile_kernels();
+#else
+#define FUSEDLM_ATTN_X86 0
+#endif
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as torch does (NaN stays NaN).
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+}  // namespace attn
+}  // namespace cpu
+}  // namespace fusedlm
