@@ -109,7 +109,7 @@ TileKernels tile_kernels(Isa isa) {
   if (isa == Isa::Avx512) return avx512_tile_kernels();
 #endif
   (void)isa;
-  return {&gemm_scalar, &softmax_fwd_scalar, &softmax_bwd_scalar, &bf16_to_float_scalar};
+  return {&gemm_scalar, &softmax_fwd_scalar, &softmax_bwd_scalar, &bf16_to_float_scalar, nullptr};
 }
 
 // --- element access --------------------------------------------------------------------------
@@ -186,7 +186,7 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
 
   const int64_t tile_qt = round16(d * QB), tile_o = round16(QB * d), tile_s = KB * QB, kv = round16(nk_all * d);
   const int nt = threads_for(a.num_threads, sh, tasks);
-  const Scratch scratch(nt, tile_qt + tile_o + tile_s + 2 * QB + (kConvert ? 2 * kv : 0));
+  const Scratch scratch(nt, tile_qt + tile_o + tile_s + 2 * QB + round16(nk_all) + (kConvert ? 2 * kv : 0));
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -195,7 +195,8 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
     float* s = o + tile_o;
     float* m = s + tile_s;
     float* l = m + QB;
-    float* kf = l + QB;  // bf16: the cached kv head, rows [0, cached_rows) converted
+    float* row_s = l + QB;  // attend_row's scores
+    float* kf = row_s + round16(nk_all);  // bf16: the cached kv head, rows [0, cached_rows) converted
     float* vf = kf + kv;
     int64_t cached_head = -1, cached_rows = 0;
 
@@ -232,12 +233,22 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
         kp = kh, vp = vh, ldk = a.k_stride.row, ldv = a.v_stride.row;
       }
 
-      for (int64_t k0 = 0; k0 < k_end; k0 += KB) {
-        const int64_t nk = std::min(KB, k_end - k0);
-        kt.gemm(nk, nq, d, kp + k0 * ldk, ldk, 1, qt, QB, s, QB, false);  // S^T = K_j Q^T
-        const TileMask mask{a.causal && k0 + nk - 1 > q0 + off, k0 - q0 - off};
-        kt.softmax_fwd(s, nk, nq, mask, m, l, o, d);
-        kt.gemm(nq, d, nk, s, 1, QB, vp + k0 * ldv, ldv, o, d, true);  // O += P V_j
+      if (kt.attend_row != nullptr && nq <= kDecodeRows) {
+        float* qrow = s;  // the block's rows, scaled, in the score tile (unused on this path)
+        for (int64_t i = 0; i < nq; ++i)
+          for (int64_t j = 0; j < d; ++j) qrow[i * d + j] = qt[j * QB + i];
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t nk = a.causal ? std::clamp<int64_t>(q0 + i + 1 + off, 0, nk_all) : nk_all;
+          kt.attend_row(qrow + i * d, kp, ldk, vp, ldv, nk, d, row_s, o + i * d, m + i, l + i);
+        }
+      } else {
+        for (int64_t k0 = 0; k0 < k_end; k0 += KB) {
+          const int64_t nk = std::min(KB, k_end - k0);
+          kt.gemm(nk, nq, d, kp + k0 * ldk, ldk, 1, qt, QB, s, QB, false);  // S^T = K_j Q^T
+          const TileMask mask{a.causal && k0 + nk - 1 > q0 + off, k0 - q0 - off};
+          kt.softmax_fwd(s, nk, nq, mask, m, l, o, d);
+          kt.gemm(nq, d, nk, s, 1, QB, vp + k0 * ldv, ldv, o, d, true);  // O += P V_j
+        }
       }
 
       T* orow = out + (bh * nq_all + q0) * d;

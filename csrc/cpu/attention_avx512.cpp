@@ -39,7 +39,9 @@ constexpr int kRows = 6;  // micro-kernel rows of C
 constexpr int kVecs = 4;  // micro-kernel vectors (16 floats) per row of C
 constexpr __mmask16 kAll = 0xffff;
 
-FUSEDLM_INLINE __mmask16 lanes(int64_t left) { return left >= 16 ? kAll : __mmask16((1u << left) - 1u); }
+FUSEDLM_INLINE __mmask16 lanes(int64_t left) {
+  return left >= 16 ? kAll : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+}
 
 template <int MR, int NV, bool kAcc>
 void micro_kernel(int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, float* c,
@@ -202,9 +204,75 @@ void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
   }
 }
 
+// Decode: keys are the lanes of the softmax, d the lanes of the dot products. Four keys at a time
+// give four independent FMA chains; the P V sum alternates two accumulator sets between keys for
+// the same reason. K and V are each read once.
+void attend_row(const float* q, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t nk, int64_t d,
+                float* s, float* o, float* m_out, float* l_out) {
+  std::fill(o, o + d, 0.0f);
+  *m_out = -std::numeric_limits<float>::infinity();
+  *l_out = 0.0f;
+  if (nk <= 0) return;
+  int64_t j = 0;
+  for (; j + 4 <= nk; j += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float* kj = k + j * ldk;
+    for (int64_t e = 0; e < d; e += 16) {
+      const __mmask16 mk = lanes(d - e);
+      const __m512 qe = _mm512_maskz_loadu_ps(mk, q + e);
+      a0 = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(mk, kj + e), a0);
+      a1 = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(mk, kj + ldk + e), a1);
+      a2 = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(mk, kj + 2 * ldk + e), a2);
+      a3 = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(mk, kj + 3 * ldk + e), a3);
+    }
+    s[j] = _mm512_reduce_add_ps(a0);
+    s[j + 1] = _mm512_reduce_add_ps(a1);
+    s[j + 2] = _mm512_reduce_add_ps(a2);
+    s[j + 3] = _mm512_reduce_add_ps(a3);
+  }
+  for (; j < nk; ++j) {
+    __m512 a0 = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; e += 16) {
+      const __mmask16 mk = lanes(d - e);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + e), _mm512_maskz_loadu_ps(mk, k + j * ldk + e), a0);
+    }
+    s[j] = _mm512_reduce_add_ps(a0);
+  }
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = neg_inf;
+  for (j = 0; j < nk; j += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, lanes(nk - j), s + j));
+  const float m = _mm512_reduce_max_ps(mx);
+  const __m512 shift = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j < nk; j += 16) {
+    const __mmask16 mk = lanes(nk - j);
+    const __m512 p = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), shift)));
+    _mm512_mask_storeu_ps(s + j, mk, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  *m_out = m;
+  *l_out = _mm512_reduce_add_ps(sum);
+  for (int64_t e0 = 0; e0 < d; e0 += 64) {
+    const int64_t width = std::min<int64_t>(64, d - e0);
+    const __mmask16 mk[4] = {lanes(width), lanes(width - 16), lanes(width - 32), lanes(width - 48)};
+    __m512 x[2][4];
+    for (auto& set : x)
+      for (auto& acc : set) acc = _mm512_setzero_ps();
+    for (j = 0; j < nk; ++j) {
+      const __m512 pj = _mm512_set1_ps(s[j]);
+      const float* vj = v + j * ldv + e0;
+      __m512* acc = x[j & 1];
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mk[u], vj + 16 * u), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u)
+      _mm512_mask_storeu_ps(o + e0 + 16 * u, mk[u], _mm512_add_ps(x[0][u], x[1][u]));
+  }
+}
+
 }  // namespace
 
-TileKernels avx512_tile_kernels() { return {&gemm, &softmax_fwd, &softmax_bwd, &bf16_to_float}; }
+TileKernels avx512_tile_kernels() { return {&gemm, &softmax_fwd, &softmax_bwd, &bf16_to_float, &attend_row}; }
 
 }  // namespace attn
 }  // namespace cpu

@@ -47,11 +47,22 @@ using SoftmaxBwdFn = void (*)(float* s, float* dp, int64_t nk, int64_t nq, TileM
 // bf16 bits -> fp32, n values.
 using Bf16ToFloatFn = void (*)(const uint16_t* src, float* dst, int64_t n);
 
+// Query blocks of at most this many rows (decode) take attend_row instead of the tiles: with the
+// queries as SIMD lanes, a block of one query would use 1 lane in 16.
+constexpr int64_t kDecodeRows = 4;
+
+// The forward of one query row q (d floats, scaled by scale * log2(e)) against keys [0, nk): with the
+// keys as lanes, s_j = q . k_j (s: nk floats of scratch), m = max s, p = exp2(s - m), l = sum p,
+// o = sum_j p_j v_j (not divided by l). nk = 0 gives m = -inf, l = 0, o = 0.
+using AttendRowFn = void (*)(const float* q, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t nk,
+                             int64_t d, float* s, float* o, float* m, float* l);
+
 struct TileKernels {
   GemmFn gemm;
   SoftmaxFwdFn softmax_fwd;
   SoftmaxBwdFn softmax_bwd;
   Bf16ToFloatFn bf16_to_float;
+  AttendRowFn attend_row;  // nullptr: decode blocks take the tile path too
 };
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
