@@ -8,10 +8,13 @@
 //         m' = max(m, colmax S^T);  P^T = exp2(S^T - m');  l = l 2^(m - m') + colsum P^T
 //         O = O 2^(m - m') + (P^T)^T V_j
 //     out = O / l;  lse = (m + log2 l) ln 2       (l = 0: the query saw no key -> out 0, lse -inf)
-// Only blocks crossing the causal diagonal pay for a mask; blocks past it are never visited.
-// Extra memory per thread: the Q^T, O and S^T tiles (48 KiB at D = 64); for bf16 also the kv head's K
-// and V converted to fp32 once per thread and head (2 Nk D floats), so GQA groups and the query blocks
-// of a head share one conversion. fp32 K and V are read in place through their strides.
+// Only blocks crossing the causal diagonal pay for a mask; blocks past it are never visited. Blocks of
+// at most 4 queries (decode) take attend_row instead: keys as SIMD lanes, K and V read once.
+// Extra memory per thread: the Q^T, O and S^T tiles (48 KiB at D = 64) and Nk scores; fp32 K and V
+// are read in place through their strides. bf16 inputs take the avx512_bf16 dot products of
+// attention_bf16.cpp where the CPU has them and D is even; otherwise (and for decode) the kv head's K
+// and V are converted to fp32 once per thread and head (2 Nk D floats), shared by the query blocks
+// and the GQA group, and run through the fp32 tiles here.
 //
 // Backward, one task per (batch, kv head), so that the task owns dK and dV of its kv head and dQ of
 // the query heads of its group: every gradient is summed in one fixed order by one thread, without
@@ -22,18 +25,13 @@
 //         dV_j += P^T dO_i;  dK_j += dS^T Q_i;  dQ_i += (dS^T)^T K_j
 // Five 64 x 64 x D GEMMs per tile pair, the fewest that flash backward needs. Extra memory per
 // thread: Q^T and dO^T of one head (2 Nq D floats) and two tiles; for bf16 also fp32 copies of Q, dO,
-// K, V and the fp32 sums of dQ, dK, dV (fp32 outputs are summed in place).
+// K, V and the fp32 sums of dQ, dK, dV (fp32 outputs are summed in place); attention_bf16.cpp keeps
+// bf16 pair layouts instead of the copies.
 #include "cpu/attention.h"
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <type_traits>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "cpu/attention_tiles.h"
 
@@ -43,10 +41,7 @@ namespace {
 
 using namespace attn;
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t QB = kQueryBlock, KB = kKeyBlock;
-
-int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // --- portable tile kernels (same math as the AVX-512 ones; std::exp2 instead of a polynomial) ---
 
@@ -112,6 +107,29 @@ TileKernels tile_kernels(Isa isa) {
   return {&gemm_scalar, &softmax_fwd_scalar, &softmax_bwd_scalar, &bf16_to_float_scalar, nullptr};
 }
 
+// bf16 inputs take the avx512_bf16 dot products (attention_bf16.cpp) with the AVX-512 kernels on a
+// CPU that has them, for an even head dim (whole pairs); otherwise fp32 copies and fp32 tiles.
+bool use_bf16_dot(Isa isa, int64_t head_dim) {
+#if FUSEDLM_ATTN_X86
+  static const bool has_bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return isa == Isa::Avx512 && has_bf16 && head_dim % 2 == 0;
+#else
+  (void)isa, (void)head_dim;
+  return false;
+#endif
+}
+
+DotKernels bf16_dot_kernels() {
+#if FUSEDLM_ATTN_X86
+  return avx512_bf16_dot_kernels();
+#else
+  return {nullptr, nullptr, nullptr};
+#endif
+}
+
 // --- element access --------------------------------------------------------------------------
 
 inline float load(const float* p) { return *p; }
@@ -136,37 +154,6 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t d, float c,
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < d; ++j) dst[j * ldt + i] = load(src + i * ld + j) * c;
 }
-
-// Below this many multiply-adds (B Hq Nq Nk D) a parallel region costs more than it saves.
-constexpr double kMinParallelWork = double(1 << 20);
-
-int threads_for(int requested, const AttentionShape& s, int64_t tasks) {
-  const double work = double(s.batch) * double(s.heads_q) * double(s.n_q) * double(s.n_k) * double(s.head_dim);
-  if (requested < 1 || work < kMinParallelWork) return 1;
-  return int(std::min<int64_t>(requested, std::max<int64_t>(tasks, 1)));
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// Per-thread scratch, allocated before the parallel region (an allocation failure throws there,
-// not inside it); each thread's slice starts on a 64-byte boundary.
-struct Scratch {
-  std::vector<float> storage;
-  float* base;
-  int64_t per_thread;
-  Scratch(int threads, int64_t floats) : storage(size_t(threads) * size_t(round16(floats)) + 16) {
-    per_thread = round16(floats);
-    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
-    base = reinterpret_cast<float*>((p + 63) / 64 * 64);
-  }
-  float* of(int tid) const { return base + tid * per_thread; }
-};
 
 // --- forward ---------------------------------------------------------------------------------
 
@@ -394,18 +381,18 @@ void bwd_typed(const AttentionBwdArgs& a, const TileKernels& kt) {
 
 void attention_fwd(const AttentionFwdArgs& args) {
   const TileKernels kt = tile_kernels(args.isa);
-  if (args.dtype == DType::BFloat16)
-    fwd_typed<uint16_t>(args, kt);
-  else
-    fwd_typed<float>(args, kt);
+  if (args.dtype != DType::BFloat16) return fwd_typed<float>(args, kt);
+  // Blocks of a few queries (decode) take attend_row on fp32 copies; the dot products need pairs.
+  if (use_bf16_dot(args.isa, args.shape.head_dim) && args.shape.n_q > kDecodeRows)
+    return attention_fwd_bf16_dot(args, kt, bf16_dot_kernels());
+  fwd_typed<uint16_t>(args, kt);
 }
 
 void attention_bwd(const AttentionBwdArgs& args) {
   const TileKernels kt = tile_kernels(args.isa);
-  if (args.dtype == DType::BFloat16)
-    bwd_typed<uint16_t>(args, kt);
-  else
-    bwd_typed<float>(args, kt);
+  if (args.dtype != DType::BFloat16) return bwd_typed<float>(args, kt);
+  if (use_bf16_dot(args.isa, args.shape.head_dim)) return attention_bwd_bf16_dot(args, kt, bf16_dot_kernels());
+  bwd_typed<uint16_t>(args, kt);
 }
 
 }  // namespace cpu

@@ -4,7 +4,8 @@
 //
 // q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0: query head h reads kv head h / (Hq / Hkv).
 // Inputs are read through their strides (batch, head, row; the head dim must be dense), outputs are
-// contiguous. Elements are fp32 or bf16 (bf16 as its raw bits); all arithmetic is fp32. Any D >= 1,
+// contiguous. Elements are fp32 or bf16 (bf16 as its raw bits); sums, scores and softmax statistics are
+// fp32 (bf16 with avx512_bf16 also rounds P and dS to bf16 for their products, attention_bf16.cpp). Any D >= 1,
 // any Nq, Nk >= 0. causal: query i sees key j iff j <= i + Nk - Nq (bottom-right aligned); a query
 // that sees no key gets out = 0 and lse = -inf.
 #pragma once

@@ -188,10 +188,11 @@ void softmax_bwd(float* s, float* dp, int64_t nk, int64_t nq, TileMask mask, con
     for (int64_t r = 0; r < nk; ++r) {
       float* srow = s + r * kQueryBlock + 16 * v;
       float* dprow = dp + r * kQueryBlock + 16 * v;
-      const __mmask16 vis = visible(mask, r, 16 * v);
+      // columns past nq become 0 too: the bf16 products pair column nq - 1 with column nq
+      const __mmask16 vis = visible(mask, r, 16 * v) & lanes(nq - 16 * v);
       const __m512 p = _mm512_maskz_mov_ps(vis, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(srow), shift)));
       _mm512_storeu_ps(srow, p);
-      _mm512_storeu_ps(dprow, _mm512_mul_ps(_mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(dprow), dl)));
+      _mm512_storeu_ps(dprow, _mm512_maskz_mul_ps(vis, _mm512_mul_ps(p, sc), _mm512_sub_ps(_mm512_loadu_ps(dprow), dl)));
     }
   }
 }

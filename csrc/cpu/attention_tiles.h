@@ -10,8 +10,17 @@
 // memory, Q^T / dO^T packed once per query block (forward) or head (backward), and the tiles.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/attention.h"
 
 namespace fusedlm {
 namespace cpu {
@@ -65,10 +74,36 @@ struct TileKernels {
   AttendRowFn attend_row;  // nullptr: decode blocks take the tile path too
 };
 
+// bf16 inputs with avx512_bf16 dot products (vdpbf16ps: two bf16 products summed into an fp32 lane).
+// Operands hold bf16 pairs along the sum index p, the pair (2p, 2p + 1) adjacent in memory, lower
+// address = even index; offsets and strides count 2-byte elements:
+//   A: the pair p of row i is at a + i * a_row + p * a_col;
+//   B: pair row p is at b + p * ldb and holds (B[2p][j], B[2p + 1][j]) at [2j, 2j + 1], j < n.
+// C[i][j] = alpha * sum_p dot2(A pair, B pair) (+ C[i][j] when accumulate), fp32.
+using GemmBf16Fn = void (*)(int64_t m, int64_t n, int64_t k2, const uint16_t* a, int64_t a_row, int64_t a_col,
+                            const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate, float alpha);
+// A tile's rows (kQueryBlock fp32 columns) as bf16 rows, rounded to nearest even.
+using TileToBf16Fn = void (*)(const float* s, int64_t rows, uint16_t* dst);
+// A tile's row pairs interleaved: dst[(r / 2) * 2 kQueryBlock + 2 c + r % 2] = bf16(s[r][c]); with odd
+// rows the missing last row is 0. Makes a tile the A operand of a product summed over its rows.
+using TileToPairsFn = void (*)(const float* s, int64_t rows, uint16_t* dst);
+
+struct DotKernels {
+  GemmBf16Fn gemm;
+  TileToBf16Fn to_bf16;
+  TileToPairsFn to_pairs;
+};
+
+// The bf16 dot-product drivers (attention_bf16.cpp); they need an even head dim (whole pairs).
+void attention_fwd_bf16_dot(const AttentionFwdArgs& a, const TileKernels& kt, const DotKernels& dk);
+void attention_bwd_bf16_dot(const AttentionBwdArgs& a, const TileKernels& kt, const DotKernels& dk);
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FUSEDLM_ATTN_X86 1
 // The AVX-512 kernels (avx512f/bw/vl; call only when the CPU has them).
 TileKernels avx512_tile_kernels();
+// The avx512_bf16 kernels (call only when the CPU has avx512bf16 too).
+DotKernels avx512_bf16_dot_kernels();
 #else
 #define FUSEDLM_ATTN_X86 0
 #endif
@@ -91,6 +126,43 @@ inline uint16_t float_to_bf16_bits(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
+
+// --- shared by the drivers ---------------------------------------------------------------------
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Below this many multiply-adds (B Hq Nq Nk D) a parallel region costs more than it saves.
+constexpr double kMinParallelWork = double(1 << 20);
+
+inline int threads_for(int requested, const AttentionShape& s, int64_t tasks) {
+  const double work = double(s.batch) * double(s.heads_q) * double(s.n_q) * double(s.n_k) * double(s.head_dim);
+  if (requested < 1 || work < kMinParallelWork) return 1;
+  return int(std::min<int64_t>(requested, std::max<int64_t>(tasks, 1)));
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Per-thread scratch, allocated before the parallel region (an allocation failure throws there,
+// not inside it); each thread's slice starts on a 64-byte boundary.
+struct Scratch {
+  std::vector<float> storage;
+  float* base;
+  int64_t per_thread;
+  Scratch(int threads, int64_t floats) : storage(size_t(threads) * size_t(round16(floats)) + 16) {
+    per_thread = round16(floats);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+    base = reinterpret_cast<float*>((p + 63) / 64 * 64);
+  }
+  float* of(int tid) const { return base + tid * per_thread; }
+};
 
 }  // namespace attn
 }  // namespace cpu
