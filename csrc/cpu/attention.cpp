@@ -18,7 +18,8 @@
 //
 // Backward, one task per (batch, kv head), so that the task owns dK and dV of its kv head and dQ of
 // the query heads of its group: every gradient is summed in one fixed order by one thread, without
-// atomics, and the bits do not depend on the thread count. With P recomputed from lse:
+// atomics, and the bits do not depend on the thread count. The price: B * Hkv tasks, so a batch of
+// one MQA head runs on one thread. With P recomputed from lse:
 //     delta = rowsum(dO * O) - dlse
 //     for each query head g of the group, key block j, query block i (causal: the blocks that see j):
 //         P^T = exp2(K_j (Q_i^T c) - lse2_i);  dP^T = V_j dO_i^T;  dS^T = scale P^T (dP^T - delta_i)

@@ -30,7 +30,8 @@ q, k, v, out and lse. Traffic: forward reads q once and K, V once per query bloc
 block skipping), writes out and lse.
 
 Backends: "cpu" (float32 / bfloat16, any head dim 1..256; AVX-512 tile kernels with a portable
-fallback, FUSEDLM_CPU_ISA=scalar forces it), "cuda" (CUDA tensors; not taken by "auto" until it has
+fallback, FUSEDLM_CPU_ISA=scalar forces it; bf16 with an even head dim on an avx512_bf16 CPU runs its
+GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does), "cuda" (CUDA tensors; not taken by "auto" until it has
 run on a GPU), "triton" (head dims 16..256 that are multiples of 8) and "reference". "auto" takes
 "cpu" for CPU tensors and the reference for CUDA tensors (dispatch.AUTO_GPU has no attention entry).
 """
