@@ -61,9 +61,10 @@ PRESETS = {
                         (16, 16, 1, 8192, 128)], ("bfloat16", "float16", "float32")),
 }
 
-# The quick CPU causal case takes about 4 s per rep over the three modes (the eager reference's
-# forward+backward alone ~1-2.5 s): few reps, so that the quick preset fits in about three minutes.
-REPEATS = {("cpu", "quick"): 6, ("cpu", "full"): 5}
+# The quick CPU causal case takes about 4 s per rep over the three modes on a quiet machine, most of it
+# the eager reference (forward+backward ~0.8 s fp32, more in bf16): few reps. The whole quick preset took
+# 11 minutes on a machine loaded 3-4x over its 2 cores, so about 3-4 minutes when quiet.
+REPEATS = {("cpu", "quick"): 5, ("cpu", "full"): 5}
 
 # The CPU targets for fusedlm[cpu], fp32 and bf16, as (mode, provider, least speed-up over it):
 # forward+backward at least as fast as SDPA and at least 3x the eager reference; decode's forward (inference)
