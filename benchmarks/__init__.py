@@ -12,8 +12,10 @@ runner (run.py: presets, markdown, JSON, plots). An op module provides:
     min_bytes(case, mode)          the least memory traffic of the op, for GB/s
     REPEATS                        optional: {(device, preset): timed reps} where the runner's default is too many
     MODES                          optional: the harness modes to time (default all three)
+    flops(case, mode)              optional: the op's floating-point operations, for a TFLOP/s column
     target(case)                   optional: the forward+backward speed-up over the baseline the
-                                   fusedlm backend must reach (the issue's goals), or None
+                                   fusedlm backend must reach (the issue's goals), or a list of
+                                   (mode, provider, speed-up) goals, or None
 """
 import importlib
 

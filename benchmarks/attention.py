@@ -6,7 +6,8 @@ Variants (q (B, H, Nq, D); k, v (B, H, Nk, D); a case's shape is (B, H, Nq, Nk, 
     decode   Nq = 1 against an Nk-key cache, causal (bottom-right aligned: the query sees every key)
 
 q, k and v are leaves that need a gradient (a training step); decode is timed the same way, but its
-forward is what matters (inference). Providers: fusedlm[triton] (GPU only: the Triton interpreter on CPU
+forward is what matters (inference). Providers: fusedlm[cpu] (the C++ CPU kernel) on CPU tensors,
+fusedlm[cuda] (the CUDA C++ kernel) and fusedlm[triton] on a GPU (the Triton interpreter on CPU
 is a test tool, not a speed), the eager reference (fusedlm.reference.attention, which builds the
 N x N scores), torch.compile of the reference, and F.scaled_dot_product_attention with each of its
 backends that exists on the device (SDPA[flash], SDPA[efficient], SDPA[cudnn], SDPA[math]).
@@ -45,9 +46,10 @@ VARIANTS = {
 }
 
 # (variants, shapes (B, H, Nq, Nk, D), dtypes the preset runs) per device and preset. The quick CPU preset is
-# the target shape in fp32 only, so that it fits in about two minutes.
+# the two target shapes (causal training step, one-token decode against a 4096-key cache).
 PRESETS = {
-    ("cpu", "quick"): (("causal",), [(4, 12, 1024, 1024, 64)], ("float32",)),
+    ("cpu", "quick"): (("causal", "decode"), [(4, 12, 1024, 1024, 64), (4, 12, 1, 4096, 64)],
+                       ("float32", "bfloat16")),
     ("cpu", "full"): (("causal", "full", "decode"),
                       [(4, 12, 256, 256, 64), (4, 12, 1024, 1024, 64), (4, 12, 1024, 1024, 128),
                        (1, 12, 4096, 4096, 64), (4, 12, 1, 4096, 64)], ("float32", "bfloat16")),
@@ -59,17 +61,22 @@ PRESETS = {
                         (16, 16, 1, 8192, 128)], ("bfloat16", "float16", "float32")),
 }
 
-# The quick CPU case takes about 3.5 s per rep (eager reference forward+backward alone ~1-2.5 s): few reps,
-# and no backward-only mode, so that the quick preset fits in about two minutes.
-MODES = ("forward", "forward+backward")
-REPEATS = {("cpu", "quick"): 8, ("cpu", "full"): 5}
+# The quick CPU causal case takes about 4 s per rep over the three modes on a quiet machine, most of it
+# the eager reference (forward+backward ~0.8 s fp32, more in bf16): few reps. The whole quick preset took
+# 11 minutes on a machine loaded 3-4x over its 2 cores, so about 3-4 minutes when quiet.
+REPEATS = {("cpu", "quick"): 5, ("cpu", "full"): 5}
 
-# The CPU targets, forward+backward: at least as fast as SDPA, at least 3x the eager reference.
-# They are the C++ CPU kernel's (fusedlm[cpu]), not in yet; decode's target is the forward alone.
-TARGETS = {("cpu", "causal", (4, 12, 1024, 1024, 64)): 1.0}
+# The CPU targets for fusedlm[cpu], fp32 and bf16, as (mode, provider, least speed-up over it):
+# forward+backward at least as fast as SDPA and at least 3x the eager reference; decode's forward (inference)
+# at least as fast as SDPA's.
+TARGETS = {
+    ("cpu", "causal", (4, 12, 1024, 1024, 64)): [("forward+backward", "SDPA", 1.0),
+                                                 ("forward+backward", "reference", 3.0)],
+    ("cpu", "decode", (4, 12, 1, 4096, 64)): [("forward", "SDPA", 1.0)],
+}
 
 
-def target(case: Case) -> float | None:
+def target(case: Case) -> list | None:
     return TARGETS.get((case.device, case.variant, tuple(case.shape)))
 
 
@@ -154,8 +161,13 @@ def _sdpa_backends(device: str) -> list:
 
 def providers(case: Case) -> list:
     v = VARIANTS[case.variant]
-    out = [Provider("fusedlm[cpu]" if case.device == "cpu" else "fusedlm[cuda]", None, "fusedlm",
-                    "the C++ attention kernels are not in yet")]
+    if case.device == "cpu":
+        out = [Provider("fusedlm[cpu]", _fused("cpu", v), "fusedlm") if dispatch.has_cpp_kernel("attention_fwd", "CPU")
+               else Provider("fusedlm[cpu]", None, "fusedlm", "fusedlm._C is not built")]
+    elif dispatch.has_cpp_kernel("attention_fwd", "CUDA"):
+        out = [Provider("fusedlm[cuda]", _fused("cuda", v), "fusedlm")]
+    else:
+        out = [Provider("fusedlm[cuda]", None, "fusedlm", "fusedlm._C was built without the CUDA attention kernels")]
     if case.device == "cpu":
         out.append(Provider("fusedlm[triton]", None, "fusedlm",
                             "Triton needs a GPU here; its CPU interpreter is a test tool, not a performance path"))

@@ -97,6 +97,7 @@ class Row:
     ratio: float | None = None          # baseline median / this median: > 1 is faster
     baseline: str = ""
     gbps: float | None = None           # minimum bytes moved by the op / median time
+    tflops: float | None = None         # the op's FLOPs (its module's flops(case, mode), if any) / median time
     peak_bytes: int | None = None
     saved_bytes: int | None = None
     first_call_s: float | None = None   # the first forward+backward, for compile providers the compile
@@ -347,6 +348,8 @@ def run_case(opmod, case: Case, *, modes=MODES, reps=30, warmup=3, memory=True) 
                 _summarize(row, times[(p.name, mode)])
                 nbytes = opmod.min_bytes(case, mode)
                 row.gbps = nbytes / (row.median_ms * 1e-3) / 1e9 if nbytes and row.median_ms else None
+                if hasattr(opmod, "flops") and row.median_ms:
+                    row.tflops = opmod.flops(case, mode) / (row.median_ms * 1e-3) / 1e12
             peak = peaks.get(p.name)
             if isinstance(peak, dict):
                 row.peak_bytes = peak[mode]

@@ -1,7 +1,8 @@
 """fusedlm.attention on its kernel backends against the float64 reference (error-budget rule).
 
-The Triton kernels run on a GPU when there is one, else under TRITON_INTERPRET=1 on CPU tensors; the
-interpreter's cost grows with the number of programs, so the grid keeps B and H small.
+The C++ CPU kernel runs on CPU tensors (float32 and bfloat16; fp16 is kept out of CPU paths), the CUDA
+kernel on a GPU. The Triton kernels run on a GPU when there is one, else under TRITON_INTERPRET=1 on CPU
+tensors; the interpreter's cost grows with the number of programs, so the grid keeps B and H small.
 """
 import math
 
@@ -10,9 +11,11 @@ import torch
 
 import fusedlm
 from fusedlm import reference
+from fusedlm.validation import fmt_dtype
 from harness import HAS_GPU, assert_within_budget, backend_device, backend_params
 
-BACKENDS = backend_params(cpu=False, cuda=False)
+BACKENDS = backend_params()
+TRITON = backend_params(cpu=False, cuda=False)
 
 # (B, Hq, Hkv, Nq, Nk, D, causal): GQA 8/2 and 8/1 (MQA), Nq != Nk both ways, odd N, head dims with masked
 # columns (80), fully masked rows (causal with Nq > Nk), one-token decode.
@@ -32,6 +35,16 @@ CASES = [
     (1, 1, 1, 17, 17, 256, True),
     (1, 1, 1, 1025, 1025, 64, True),
 ]
+# The CPU kernel takes any head dim (7, 12, 20: no multiple of 8 or 16) and larger tiles are cheap there:
+# several key and query blocks at D = 256, one key against many queries, a 1025-key decode.
+CPU_CASES = [
+    (1, 3, 1, 33, 20, 12, True),
+    (2, 4, 2, 17, 17, 7, False),
+    (1, 2, 1, 200, 130, 256, True),
+    (1, 2, 2, 5, 1, 20, True),
+    (1, 4, 1, 1, 1025, 64, True),
+    (2, 8, 2, 150, 150, 96, False),
+]
 FP16_CASES = [
     (1, 2, 1, 97, 97, 64, True),
     (1, 4, 2, 128, 97, 80, False),
@@ -39,13 +52,30 @@ FP16_CASES = [
     (1, 8, 2, 17, 17, 64, True),
     (1, 2, 1, 97, 17, 64, True),
 ]
-DTYPE_CASES = ([pytest.param(torch.float32, c, id=f"float32-{c}") for c in CASES]
-               + [pytest.param(torch.float16, c, id=f"float16-{c}") for c in FP16_CASES]
-               + [pytest.param(torch.bfloat16, c, id=f"bfloat16-{c}") for c in FP16_CASES[:2]])
+# bf16 on the CPU: even head dims take the avx512_bf16 dot products where the CPU has them, odd ones (and
+# blocks of <= 4 queries in forward) fp32 copies; odd query and key counts pad the bf16 pairs.
+BF16_CPU_CASES = FP16_CASES + [(1, 1, 1, 17, 17, 256, True), (1, 2, 1, 1, 1025, 16, True),
+                               (1, 2, 2, 130, 129, 128, False), (1, 4, 2, 67, 67, 21, True),
+                               (2, 4, 1, 65, 131, 80, True)]
 
 
-def _skip_unsupported(dtype):
-    if not HAS_GPU and dtype == torch.bfloat16:
+def _grid():
+    """(backend, dtype, case) params: each backend with the dtypes it takes."""
+    params = []
+    for bp in BACKENDS:
+        backend = bp.values[0]
+        if backend == "cpu":
+            combos = [(torch.float32, c) for c in CASES + CPU_CASES] + [(torch.bfloat16, c) for c in BF16_CPU_CASES]
+        else:
+            combos = ([(torch.float32, c) for c in CASES] + [(torch.float16, c) for c in FP16_CASES]
+                      + [(torch.bfloat16, c) for c in FP16_CASES[:2]])
+        params += [pytest.param(backend, dt, c, id=f"{backend}-{fmt_dtype(dt)}-{c}", marks=bp.marks)
+                   for dt, c in combos]
+    return params
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and not HAS_GPU and dtype == torch.bfloat16:
         pytest.skip("bf16 arithmetic is wrong in the Triton interpreter (no GPU here)")
 
 
@@ -85,10 +115,9 @@ def _check_all(out, lse, grads, q, k, v, do, causal, dlse=None, scale=None):
         assert_within_budget(g, g64, gt, name=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,case", DTYPE_CASES)
+@pytest.mark.parametrize("backend,dtype,case", _grid())
 def test_attention_matches_reference(backend, dtype, case):
-    _skip_unsupported(dtype)
+    _skip_unsupported(backend, dtype)
     device = backend_device(backend)
     (q, k, v), do = _inputs(case, dtype, device)
     causal = case[-1]
@@ -134,13 +163,54 @@ def test_attention_backward_is_deterministic(backend):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_cpu_same_bits_for_any_thread_count(dtype):
+    """The CPU backward sums every gradient in one thread's fixed order: 1 thread and all give the same bits."""
+    (q, k, v), do = _inputs((2, 8, 2, 130, 97, 64, True), dtype, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out1, lse1, g1 = _run(fusedlm.attention, q, k, v, do, causal=True, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    out2, lse2, g2 = _run(fusedlm.attention, q, k, v, do, causal=True, backend="cpu")
+    for a, c in zip((out1, lse1, *g1), (out2, lse2, *g2)):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype,case", [(torch.float32, (1, 4, 2, 97, 130, 80, True)),
+                                        (torch.float32, (1, 2, 1, 70, 33, 12, False)),
+                                        (torch.bfloat16, (1, 2, 1, 70, 65, 64, True))])
+def test_attention_cpu_portable_kernels(monkeypatch, dtype, case):
+    """FUSEDLM_CPU_ISA=scalar runs the portable tile kernels (what a CPU without AVX-512 gets)."""
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", "scalar")
+    (q, k, v), do = _inputs(case, dtype, "cpu")
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, dlse, causal=case[-1], backend="cpu")
+    _check_all(out, lse, grads, q, k, v, do, case[-1], dlse)
+
+
+def test_attention_cpu_isa_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", "sse9")
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="attention_fwd: FUSEDLM_CPU_ISA must be one of"):
+        fusedlm.attention(q, q, q, backend="cpu")
+
+
+def test_attention_auto_takes_the_cpu_kernel():
+    (q, k, v), _ = _inputs((1, 4, 2, 33, 40, 64, True), torch.float32, "cpu")
+    assert torch.equal(fusedlm.attention(q, k, v, causal=True), fusedlm.attention(q, k, v, causal=True, backend="cpu"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_opcheck(backend, causal):
     device = backend_device(backend)
     (q, k, v), _ = _inputs((1, 4, 2, 33, 17, 16, causal), torch.float32, device)
     scale = 1 / math.sqrt(16)
-    fwd, bwd = torch.ops.fusedlm.attention_fwd_triton.default, torch.ops.fusedlm.attention_bwd_triton.default
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.fusedlm, f"attention_fwd{suffix}").default
+    bwd = getattr(torch.ops.fusedlm, f"attention_bwd{suffix}").default
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     torch.library.opcheck(fwd, (*leaves, causal, scale))
     out, lse = fwd(q, k, v, causal, scale)
@@ -170,7 +240,7 @@ def test_attention_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a.grad, c.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("d,dtype,msg", [(8, torch.float32, "head dims 16..256 that are multiples of 8, got 8"),
                                          (20, torch.float32, "multiples of 8, got 20"),
                                          (16, torch.float64, "float32, bfloat16, float16 tensors, got float64")])
@@ -180,8 +250,55 @@ def test_attention_triton_refuses_what_it_cannot_run(backend, d, dtype, msg):
         fusedlm.attention(q, q, q, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_attention_backends_without_kernels_are_errors(backend):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_attention_cpu_refuses_what_it_cannot_run(dtype):
+    q = torch.randn(1, 2, 5, 16, dtype=dtype)
+    with pytest.raises(fusedlm.BackendError,
+                       match=f"attention: backend='cpu' cannot run these inputs: it takes float32, bfloat16 tensors, "
+                             f"got {fmt_dtype(dtype)}"):
+        fusedlm.attention(q, q, q, backend="cpu")
+    torch.testing.assert_close(fusedlm.attention(q, q, q), reference.attention(q, q, q))  # auto: the reference
+
+
+def test_attention_cuda_backend_needs_cuda_tensors():
     q = torch.randn(1, 2, 5, 16)
-    with pytest.raises(fusedlm.BackendError, match=f"attention: backend='{backend}' cannot run"):
-        fusedlm.attention(q, q, q, backend=backend)
+    with pytest.raises(fusedlm.BackendError, match="attention: backend='cuda' cannot run these inputs: the tensors are "
+                                                   "on cpu"):
+        fusedlm.attention(q, q, q, backend="cuda")
+
+
+def _op_args(**over):
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    out, lse = torch.ops.fusedlm.attention_fwd(q, k, v, True, 0.25)
+    args = dict(dout=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse, dlse=None, causal=True, scale=0.25)
+    args.update(over)
+    return args
+
+
+# The C++ ops check what the public function does not see (the backward's tensors) and what it does,
+# for callers of torch.ops.fusedlm.* directly.
+CPU_OP_BAD = [
+    (dict(q=torch.randn(1, 4, 5, 16, dtype=torch.float16)), r"attention_fwd: q must be float32 or bfloat16, got Half"),
+    (dict(q=torch.randn(4, 5, 16)), r"attention_fwd: q must be 4-D \(B, H, N, D\), got shape \(4, 5, 16\)"),
+    (dict(k=torch.randn(1, 3, 7, 16), v=torch.randn(1, 3, 7, 16)),
+     r"attention_fwd: q heads \(4\) must be a multiple of k/v heads \(3\)"),
+    (dict(v=torch.randn(1, 2, 6, 16)), r"attention_fwd: v must have shape \(1, 2, 7, 16\) \(the shape of k\)"),
+    (dict(k=torch.randn(2, 2, 7, 16)), r"attention_fwd: k must have shape \(1, 2, 7, 16\) \(q's batch and head dim\)"),
+    (dict(k=torch.randn(1, 2, 7, 16).double()), r"attention_fwd: k must be float32 or bfloat16, got Double"),
+    (dict(scale=0.0), "attention_fwd: scale must be finite and > 0"),
+    (dict(lse=torch.zeros(1, 4, 6)), r"attention_bwd: lse must have shape \(1, 4, 5\)"),
+    (dict(dlse=torch.zeros(1, 4, 5, dtype=torch.float64)), "attention_bwd: dlse must be float32, got Double"),
+    (dict(dout=torch.randn(1, 4, 5, 16).bfloat16()), "attention_bwd: dout must have dtype Float .*, got BFloat16"),
+]
+
+
+@pytest.mark.parametrize("over,msg", CPU_OP_BAD)
+def test_attention_cpu_op_bad_inputs(over, msg):
+    a = _op_args(**over)
+    is_bwd = msg.startswith("attention_bwd") or not any(name in over for name in ("q", "k", "v", "scale"))
+    with pytest.raises(RuntimeError, match=msg):
+        if is_bwd:
+            torch.ops.fusedlm.attention_bwd(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], a["dlse"],
+                                            a["causal"], a["scale"])
+        else:
+            torch.ops.fusedlm.attention_fwd(a["q"], a["k"], a["v"], a["causal"], a["scale"])

@@ -4,18 +4,36 @@ r"""fusedlm.attention: softmax(q k^T * scale + mask) v over heads, without the N
     causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, as in KV-cache decode).
     A query row that sees no key returns zeros and lse = -inf.
 
-The kernel op schema (kernels/attention.py implements it; C++ kernels will implement the same):
+Forward (FlashAttention-2, every kernel backend), per block of queries over blocks of keys, in float32:
 
-    fusedlm::attention_fwd_triton(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)
+    s = q k^T * scale;  m' = max(m, rowmax s);  p = exp(s - m');  l = l e^(m - m') + rowsum p
+    acc = acc e^(m - m') + p v;  out = acc / l;  lse = m + log l
+Backward, with P recomputed from lse and dlse the gradient reaching lse (return_lse=True):
+
+    delta = rowsum(dO * O) - dlse;  dV = P^T dO;  dP = dO V^T;  dS = P * (dP - delta)
+    dK = scale dS^T Q;  dQ = scale dS K
+
+The kernel op schema, one for the C++ ops (fusedlm::attention_fwd / attention_bwd: the CPU kernels of
+csrc/cpu/attention.cpp and the CUDA kernels of csrc/cuda) and one for the Triton launchers
+(fusedlm::attention_fwd_triton / attention_bwd_triton, kernels/attention.py):
+
+    attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)
         q, k, v may be strided (the head dim dense); out (B, Hq, Nq, D) contiguous in q's dtype;
         lse (B, Hq, Nq) float32, natural log, -inf for a row that sees no key.
-    fusedlm::attention_bwd_triton(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                  Tensor? dlse, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)
-        dlse: the gradient reaching lse (return_lse=True), or None; dk, dv are summed over the query
-        heads of each GQA group, deterministically; all three contiguous.
+    attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,
+                  bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)
+        dlse: the gradient reaching lse, or None; dk, dv are summed over the query heads of each
+        GQA group, deterministically (same bits on every run); all three contiguous.
 
-Backends: "triton" (FlashAttention-2, kernels/attention.py) and "reference". The C++ CPU and CUDA
-kernels are not in yet: asking for "cpu" or "cuda" is a BackendError, never a silent fallback.
+Memory: O(N) beyond the inputs and outputs (lse, and per-thread tiles on the CPU); the backward saves
+q, k, v, out and lse. Traffic: forward reads q once and K, V once per query block (halved by causal
+block skipping), writes out and lse.
+
+Backends: "cpu" (float32 / bfloat16, any head dim 1..256; AVX-512 tile kernels with a portable
+fallback, FUSEDLM_CPU_ISA=scalar forces it; bf16 with an even head dim on an avx512_bf16 CPU runs its
+GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does), "cuda" (CUDA tensors; not taken by "auto" until it has
+run on a GPU), "triton" (head dims 16..256 that are multiples of 8) and "reference". "auto" takes
+"cpu" for CPU tensors and the reference for CUDA tensors (dispatch.AUTO_GPU has no attention entry).
 """
 from __future__ import annotations
 
@@ -28,7 +46,7 @@ from fusedlm.validation import check_same, check_tensor, fmt_shape
 
 OP = "attention"
 MAX_HEAD_DIM = 256
-MIN_KERNEL_HEAD_DIM = 16  # the smallest tl.dot tile
+MIN_TRITON_HEAD_DIM = 16  # the smallest tl.dot tile (the C++ CPU kernel takes any head dim)
 
 
 # --- Triton custom ops --------------------------------------------------------------------
@@ -52,13 +70,13 @@ def _bwd_triton(
     return kernels.attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale)
 
 
-@torch.library.register_fake("fusedlm::attention_fwd_triton")
+# --- fake (meta) implementations and autograd, shared by the C++ and Triton ops -------------
+
 def _fwd_fake(q, k, v, causal, scale):
     b, hq, n_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, n_q), dtype=torch.float32)
 
 
-@torch.library.register_fake("fusedlm::attention_bwd_triton")
 def _bwd_fake(dout, q, k, v, out, lse, dlse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -71,13 +89,28 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_triton(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+def _make_backward(bwd_op):
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return backward
 
 
-torch.library.register_autograd("fusedlm::attention_fwd_triton", _backward, setup_context=_setup_context)
+torch.library.register_fake("fusedlm::attention_fwd_triton")(_fwd_fake)
+torch.library.register_fake("fusedlm::attention_bwd_triton")(_bwd_fake)
+torch.library.register_autograd("fusedlm::attention_fwd_triton", _make_backward(_bwd_triton),
+                                setup_context=_setup_context)
+if dispatch.has_cpp_kernel("attention_fwd", "CPU") or dispatch.has_cpp_kernel("attention_fwd", "CUDA"):
+    torch.library.register_fake("fusedlm::attention_fwd")(_fwd_fake)
+    torch.library.register_fake("fusedlm::attention_bwd")(_bwd_fake)
+    torch.library.register_autograd("fusedlm::attention_fwd", _make_backward(torch.ops.fusedlm.attention_bwd.default),
+                                    setup_context=_setup_context)
+
+
+def _fwd_op(backend: str):
+    return _fwd_triton if backend == "triton" else torch.ops.fusedlm.attention_fwd.default
 
 
 # --- the public function -------------------------------------------------------------------
@@ -87,8 +120,9 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     """Scaled dot-product attention; returns (B, Hq, Nq, D) in q's dtype, and with
     return_lse=True also the log-sum-exp of the scaled scores, (B, Hq, Nq) float32.
 
-    backend="triton" takes float32, bfloat16 and float16 with head dims 16..256 that are multiples of 8,
-    and raises BackendError for anything else; "auto" gives such inputs (float64, D = 12) to the reference."""
+    backend="cpu" takes float32 and bfloat16 with any head dim up to 256; "triton" takes float32, bfloat16
+    and float16 with head dims 16..256 that are multiples of 8; each raises BackendError for anything
+    else. "auto" gives what its kernel does not take (float64, fp16 on the CPU) to the reference."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t)
         if t.dim() != 4:
@@ -108,12 +142,11 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
         raise ValueError(f"{OP}: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
     if scale is not None and not scale > 0:
         raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
-    chosen = dispatch.resolve(OP, backend, q.device, native_op=None, triton=True, dtype=q.dtype)
-    kernel_takes = d % 8 == 0 and d >= MIN_KERNEL_HEAD_DIM
-    if chosen == "reference" or (backend == "auto" and not kernel_takes):  # auto: D = 12, ... too
+    chosen = dispatch.resolve(OP, backend, q.device, native_op="attention_fwd", triton=True, dtype=q.dtype)
+    if chosen == "reference":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
-    if not kernel_takes:
-        raise dispatch.BackendError(f"{OP}: backend={chosen!r} cannot run these inputs: it takes head dims "
-                                    f"{MIN_KERNEL_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
-    out, lse = _fwd_triton(q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
+    if chosen == "triton" and not (d % 8 == 0 and d >= MIN_TRITON_HEAD_DIM):
+        raise dispatch.BackendError(f"{OP}: backend='triton' cannot run these inputs: it takes head dims "
+                                    f"{MIN_TRITON_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
+    out, lse = _fwd_op(chosen)(q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
     return (out, lse) if return_lse else out
