@@ -11,6 +11,7 @@ import torch
 
 import fusedlm
 from fusedlm import reference
+from fusedlm.ops.attention import CUDA_HEAD_DIMS
 from fusedlm.validation import fmt_dtype
 from harness import HAS_GPU, assert_within_budget, backend_device, backend_params
 
@@ -74,7 +75,9 @@ def _grid():
     return params
 
 
-def _skip_unsupported(backend, dtype):
+def _skip_unsupported(backend, dtype, d=64):
+    if backend == "cuda" and d not in CUDA_HEAD_DIMS:
+        pytest.skip(f"the CUDA kernels specialise head dims {CUDA_HEAD_DIMS}, not {d} (tested: the BackendError)")
     if backend == "triton" and not HAS_GPU and dtype == torch.bfloat16:
         pytest.skip("bf16 arithmetic is wrong in the Triton interpreter (no GPU here)")
 
@@ -117,7 +120,7 @@ def _check_all(out, lse, grads, q, k, v, do, causal, dlse=None, scale=None):
 
 @pytest.mark.parametrize("backend,dtype,case", _grid())
 def test_attention_matches_reference(backend, dtype, case):
-    _skip_unsupported(backend, dtype)
+    _skip_unsupported(backend, dtype, case[5])
     device = backend_device(backend)
     (q, k, v), do = _inputs(case, dtype, device)
     causal = case[-1]
@@ -258,6 +261,16 @@ def test_attention_cpu_refuses_what_it_cannot_run(dtype):
                              f"got {fmt_dtype(dtype)}"):
         fusedlm.attention(q, q, q, backend="cpu")
     torch.testing.assert_close(fusedlm.attention(q, q, q), reference.attention(q, q, q))  # auto: the reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+@pytest.mark.parametrize("d", [16, 72, 256])
+def test_attention_cuda_refuses_head_dims_it_does_not_specialise(d):
+    q = torch.randn(1, 2, 5, d, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(fusedlm.BackendError, match=f"backend='cuda' cannot run these inputs: it takes head dims "
+                                                    f"64, 80, 96, 128, got {d}"):
+        fusedlm.attention(q, q, q, backend="cuda")
 
 
 def test_attention_cuda_backend_needs_cuda_tensors():

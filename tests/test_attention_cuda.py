@@ -15,7 +15,7 @@ import torch
 from fusedlm import dispatch, reference
 from harness import HAS_GPU, assert_within_budget
 
-pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")]
 
 DEV = "cuda"
 HEAD_DIMS = (64, 80, 96, 128)

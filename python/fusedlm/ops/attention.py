@@ -46,6 +46,7 @@ from fusedlm.validation import check_same, check_tensor, fmt_shape
 
 OP = "attention"
 MAX_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (64, 80, 96, 128)  # the head dims csrc/cuda/attention_*.cu specialise
 MIN_TRITON_HEAD_DIM = 16  # the smallest tl.dot tile (the C++ CPU kernel takes any head dim)
 
 
@@ -121,7 +122,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     return_lse=True also the log-sum-exp of the scaled scores, (B, Hq, Nq) float32.
 
     backend="cpu" takes float32 and bfloat16 with any head dim up to 256; "triton" takes float32, bfloat16
-    and float16 with head dims 16..256 that are multiples of 8; each raises BackendError for anything
+    and float16 with head dims 16..256 that are multiples of 8; "cuda" float32, bfloat16 and float16
+    with head dims 64, 80, 96 and 128; each raises BackendError for anything
     else. "auto" gives what its kernel does not take (float64, fp16 on the CPU) to the reference."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t)
@@ -148,5 +150,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     if chosen == "triton" and not (d % 8 == 0 and d >= MIN_TRITON_HEAD_DIM):
         raise dispatch.BackendError(f"{OP}: backend='triton' cannot run these inputs: it takes head dims "
                                     f"{MIN_TRITON_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
+    if chosen == "cuda" and d not in CUDA_HEAD_DIMS:
+        raise dispatch.BackendError(f"{OP}: backend='cuda' cannot run these inputs: it takes head dims "
+                                    f"{', '.join(map(str, CUDA_HEAD_DIMS))}, got {d} (backend='triton' covers it)")
     out, lse = _fwd_op(chosen)(q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
     return (out, lse) if return_lse else out
