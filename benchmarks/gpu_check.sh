@@ -9,7 +9,9 @@
 # OUTDIR receives one log per stage, bench/ (the JSON and markdown results) and summary.txt; the summary
 # is printed last. Reads the GPU (nvidia-smi queries only) and never changes its settings.
 # Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 500: every stage's time box is cut
-# to what is left of it), MAX_JOBS (default: the CPU count), GPU_CHECK_OPS (the benchmarked ops, in order).
+# to what is left of it), MAX_JOBS (default: the CPU count), GPU_CHECK_OPS (the benchmarked ops, in order),
+# GPU_CHECK_SKIP (providers left out of the benchmarks, default "compile,SDPA[math]": their compile
+# time or slowness does not fit the time box; `fusedlm bench --device cuda` alone runs them).
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -69,7 +71,7 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm}; do
     "$PY" -c "import sys; from fusedlm.benchmarks import OPS; sys.exit(sys.argv[1] not in OPS)" "$op" || continue
     stage "bench_$op" 75 "$PY" -m fusedlm bench --device cuda --ops "$op" --dtypes bfloat16 --repeats 30 --no-plots \
-      --out "$OUT/bench"
+      --skip "${GPU_CHECK_SKIP-compile,SDPA[math]}" --out "$OUT/bench"
   done
 else
   echo "gpu_check: the build failed; tests and benchmarks skipped (see $OUT/build.log)"

@@ -147,9 +147,11 @@ def _summarize(row: Row, times_ms: list) -> None:
 
 # --- providers ready to run ----------------------------------------------------------------
 
-def ready_providers(opmod, case: Case) -> tuple[list, list]:
-    """(runnable providers, [(name, why) not runnable here]); compile providers wrapped, fresh per case."""
-    listed = opmod.providers(case)
+def ready_providers(opmod, case: Case, skip: tuple = ()) -> tuple[list, list]:
+    """(runnable providers, [(name, why) not runnable here]); compile providers wrapped, fresh per case.
+    `skip`: name fragments (`fusedlm bench --skip`); a provider whose name contains one is left out."""
+    listed = [p if not any(s in p.name for s in skip) or p.fn is None
+              else Provider(p.name, None, p.kind, "left out by --skip") for p in opmod.providers(case)]
     if any(p.kind == "compile" and p.fn is not None for p in listed):
         # A fresh Dynamo cache per case: one compile per shape and dtype, no automatic dynamic
         # shapes and no recompile limit reached across a long --full run.
@@ -293,10 +295,10 @@ def _warm_up(providers: list, inputs: Inputs, warmup: int, device: str, errors: 
     return healthy
 
 
-def run_case(opmod, case: Case, *, modes=MODES, reps=30, warmup=3, memory=True) -> tuple[list, list]:
+def run_case(opmod, case: Case, *, modes=MODES, reps=30, warmup=3, memory=True, skip=()) -> tuple[list, list]:
     """Rows for every (provider, mode) of one case, and the [(provider, why)] not run here."""
     inputs = opmod.make_inputs(case)
-    providers, skipped = ready_providers(opmod, case)
+    providers, skipped = ready_providers(opmod, case, skip)
     baseline = opmod.baseline(case)
     errors, first_call, outputs = {}, {}, {}
     healthy = _warm_up(providers, inputs, warmup, case.device, errors, first_call, outputs)

@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed reps per provider and mode (default: 30 quick / 20 full on CPU; "
                         "on a GPU the reps of the CUDA-event timer, do_bench picks its own)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated fragments of provider names to leave out, e.g. 'compile,SDPA[math]'")
     p.add_argument("--warmup", type=int, default=3, help="untimed forward+backward runs per provider (default 3)")
 
 
@@ -231,7 +233,8 @@ def run(args: argparse.Namespace, argv: list | None = None) -> int:
     info = machine_info(args.device)
     command = "fusedlm bench" + ("" if argv is None else " " + " ".join(argv))
     settings = {"command": command.strip(), "preset": preset, "reps": reps, "warmup": args.warmup,
-                "modes": list(MODES), "memory": not args.no_memory, "dtypes": dtypes}
+                "modes": list(MODES), "memory": not args.no_memory, "dtypes": dtypes,
+                "skip": args.skip}
     print(f"# fusedlm bench, {preset} preset on {args.device}: {info['device_name']}")
     print(f"torch {info['torch']}, triton {info['triton']}, fusedlm {info['fusedlm']}, "
           f"torch.get_num_threads() = {info['threads']}, load average {info['loadavg']}, backends {info['backends']}")
@@ -246,7 +249,8 @@ def run(args: argparse.Namespace, argv: list | None = None) -> int:
         for case in opmod.cases(preset, args.device, dtypes):
             t0 = time.perf_counter()
             case_rows, case_skipped = run_case(opmod, case, modes=getattr(opmod, "MODES", MODES), reps=op_reps,
-                                               warmup=args.warmup, memory=not args.no_memory)
+                                               warmup=args.warmup, memory=not args.no_memory,
+                                               skip=tuple(filter(None, args.skip.split(","))))
             rows += case_rows
             skipped.update(dict(case_skipped))
             print(f"bench: {op} {case.variant} {case.label} {case.dtype}: {time.perf_counter() - t0:.1f} s",
