@@ -1,0 +1,595 @@
+r"""Triton kernels for the fused pre-norm feed-forward sub-block: fusedlm::layernorm_mlp_{fwd,bwd}_triton.
+
+x (M, d) contiguous; fc_weight (F, d) with F = h, or F = 2h for the gated activations (rows [0, h) the
+gate a, [h, 2h) the up b); proj_weight (d, h). Every GEMM runs in x's dtype with float32 accumulation
+(fp32: IEEE dots, no TF32); every element-wise step is float32 math (the interpreter cannot do bf16 math).
+
+Forward (3 launches):
+
+    _row_stats_kernel   mean, rstd per row (layernorm: centred two-pass variance; rmsnorm: rstd only)
+    _fc_fwd_kernel      u = xn @ fc_w^T + fc_b, where each A tile is normalised as it is loaded,
+                        xn = ((x - mean) * rstd * w + b) rounded to x.dtype (what the reference feeds fc);
+                        epilogue: pre_act = u (stored unless recompute), act = act(u) -> (M, h), a transient
+    _linear_kernel      y = act @ proj_w^T + proj_b (+ x): bias and residual in the epilogue
+
+Backward, with g the activation's derivative (gated: act = f(a) b, so da = dact b f'(a), db = dact f(a)):
+
+    _dpre_kernel        dact = dy @ proj_w; u re-read from pre_act, or recomputed by the same program
+                        (a second K loop over d, as in _fc_fwd_kernel); epilogue: dpre = dact * g(u) -> (M, F),
+                        and act(u) -> (M, h) for dproj_w
+    _dweight_kernel     dproj_w = dy^T @ act,  dproj_b = colsum(dy)
+    _dweight_kernel     dfc_w = dpre^T @ xn (xn normalised on load again),  dfc_b = colsum(dpre)
+    _linear_kernel      dxn = dpre @ fc_w -> (M, d) float32
+    layer_norm_bwd      (kernels/layer_norm.py) dx = rstd (gw - <gw> - xhat <gw xhat>) (+ dy with residual),
+                        gw = dxn * w; dnorm_w = colsum(dxn * xhat), dnorm_b = colsum(dxn)
+
+Weight and bias gradients are deterministic without atomics: one program owns a tile of the gradient and
+sums over all M rows in order (the bias column sums ride along in the programs of the first column tile);
+the norm's go through layer_norm's fixed-order partial buffers.
+
+Memory (s = bytes per element): saved for backward x, mean + rstd (8 M bytes) and, unless recompute,
+pre_act (M F s). Transients: forward act (M h s); backward act (M h s), dpre (M F s), dxn (4 M d).
+Traffic beyond the GEMMs' own operand reads: forward writes pre_act + act and reads act once; backward
+writes act + dpre + dxn and reads them once more (plus pre_act, unless recomputed).
+
+Launch configuration: on a GPU every GEMM kernel is @triton.autotune'd over a short list per class
+(`_CONFIGS`: "sm90" 16-bit, "sm80" 16-bit, "fp32" IEEE dots on FMA units), pruned at launch to the class
+of the input dtype and the device; every listed entry compiles for sm_90a and sm_80 without spills and,
+16-bit, with HGMMA / HMMA (static_report_specs(), python -m fusedlm.gpu_report). Under TRITON_INTERPRET=1
+(CPU tensors) no autotuning: one large-block configuration sized to the problem, so few programs run.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedlm.kernels import device_guard
+from fusedlm.kernels import layer_norm as norm_kernels
+
+OP = "layernorm_mlp"
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")  # as fusedlm.reference.ACTIVATIONS
+GATED = ("swiglu", "geglu")
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# --- activations, float32 in and out ---------------------------------------------------------
+
+@triton.jit
+def _gelu_erf(x):
+    """(gelu(x), gelu'(x)) = (x Phi(x), Phi(x) + x phi(x)), Phi the normal CDF, phi its density."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+@triton.jit
+def _gelu_tanh(x):
+    """(f, f') of f = 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3); tanh(z) = 2 sigmoid(2z) - 1,
+    which saturates to +-1 without overflow."""
+    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    t = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
+    dz = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dz
+
+
+@triton.jit
+def _silu(x):
+    """(x s, s (1 + x (1 - s))), s = sigmoid(x)."""
+    s = 1.0 / (1.0 + tl.exp(-x))
+    return x * s, s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def _act_parts(x, ACTIVATION: tl.constexpr):
+    """(f(x), f'(x)) of the (gate) activation: gelu / geglu use erf, swiglu uses silu."""
+    if ACTIVATION == "gelu_tanh":
+        f, df = _gelu_tanh(x)
+    elif ACTIVATION == "relu":
+        f = tl.maximum(x, 0.0)
+        df = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "silu" or ACTIVATION == "swiglu":
+        f, df = _silu(x)
+    else:
+        f, df = _gelu_erf(x)
+    return f, df
+
+
+# --- shared GEMM pieces ----------------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_ids(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles walk the column tiles together, so the B tiles they share
+    stay in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(n_rows, BLOCK_M)
+    grid_n = tl.cdiv(n_cols, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _normalise(x, mean, rstd, NW_ptr, NB_ptr, offs_k, k_mask, HAS_NORM_BIAS: tl.constexpr):
+    """(x - mean) * rstd * w (+ b) in float32, rounded to the MMA dtype (the norm output the reference feeds fc).
+    mean, rstd per row of x; w, b per column. Masked columns have w = b = 0, so they come out 0."""
+    w = tl.load(NW_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    xn = (x.to(tl.float32) - mean[:, None]) * (rstd[:, None] * w[None, :])
+    if HAS_NORM_BIAS:
+        xn += tl.load(NB_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    return xn.to(NW_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _load_stats(Mean_ptr, Rstd_ptr, rows, row_mask, RMS: tl.constexpr):
+    rstd = tl.load(Rstd_ptr + rows, mask=row_mask, other=0.0)
+    if RMS:
+        mean = tl.zeros_like(rstd)
+    else:
+        mean = tl.load(Mean_ptr + rows, mask=row_mask, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
+def _fc_pre(X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, offs_m, offs_n, n_rows, d, h,
+            HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, HAS_FC_BIAS: tl.constexpr, GATED: tl.constexpr,
+            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u = norm(x) @ fc_w^T + fc_b for rows offs_m and fc outputs offs_n (gated: also outputs h + offs_n),
+    rounded to the MMA dtype and returned as float32 (a, b); b is a dummy when not GATED."""
+    row_mask = offs_m < n_rows
+    col_mask = offs_n < h
+    mean, rstd = _load_stats(Mean_ptr, Rstd_ptr, offs_m, row_mask, RMS)
+    x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * d
+    wa_cols = FCW_ptr + offs_n.to(tl.int64)[None, :] * d  # fc_w^T tile [k, n] = fc_w[n, k]
+    wb_cols = wa_cols + h * d
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < d
+        x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        xn = _normalise(x, mean, rstd, NW_ptr, NB_ptr, offs_k, k_mask, HAS_NORM_BIAS)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_a = _mma(xn, tl.load(wa_cols + offs_k[:, None], mask=w_mask, other=0.0), acc_a, IEEE)
+        if GATED:
+            acc_b = _mma(xn, tl.load(wb_cols + offs_k[:, None], mask=w_mask, other=0.0), acc_b, IEEE)
+    if HAS_FC_BIAS:
+        acc_a += tl.load(FCB_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_b += tl.load(FCB_ptr + h + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = FCW_ptr.dtype.element_ty
+    return acc_a.to(dtype).to(tl.float32), acc_b.to(dtype).to(tl.float32)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+@triton.jit
+def _row_stats_kernel(X_ptr, Mean_ptr, Rstd_ptr, n_rows, d, eps,
+                      RMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """mean (layernorm) and rstd of BLOCK_ROWS rows, in BLOCK_D-column chunks (pass 2 re-reads from L1/L2)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    x_rows = X_ptr + rows.to(tl.int64)[:, None] * d
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & (cols < d)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        acc += x * x if RMS else x
+    if RMS:
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / d + eps)
+    else:
+        mean = tl.sum(acc, axis=1) / d
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < d)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+            acc += centred * centred
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / d + eps)
+        tl.store(Mean_ptr + rows, mean, mask=row_mask)
+    tl.store(Rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _fc_fwd_kernel(
+    X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, Pre_ptr, Act_ptr, n_rows, d, h,
+    HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, HAS_FC_BIAS: tl.constexpr, GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Tile (m, n) of act = act(norm(x) @ fc_w^T + fc_b), (M, h); and of pre_act, (M, F), when STORE_PRE."""
+    pid_m, pid_n = _tile_ids(n_rows, h, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a, b = _fc_pre(X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, offs_m, offs_n, n_rows, d, h,
+                   HAS_NORM_BIAS, RMS, HAS_FC_BIAS, GATED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = (offs_m < n_rows)[:, None] & (offs_n < h)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    dtype = Act_ptr.dtype.element_ty
+    if STORE_PRE:
+        fc_out = 2 * h if GATED else h
+        tl.store(Pre_ptr + rows * fc_out + offs_n[None, :], a.to(dtype), mask=mask)
+        if GATED:
+            tl.store(Pre_ptr + rows * fc_out + h + offs_n[None, :], b.to(dtype), mask=mask)
+    act, _ = _act_parts(a, ACTIVATION)
+    if GATED:
+        act = act * b
+    tl.store(Act_ptr + rows * h + offs_n[None, :], act.to(dtype), mask=mask)
+
+
+@triton.jit
+def _linear_kernel(
+    A_ptr, B_ptr, Bias_ptr, R_ptr, C_ptr, n_rows, n_cols, n_inner,
+    B_ROWS_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (M, N) = A (M, K) @ B (+ bias) (+ R), A row-major; B is a weight stored (N, K) (B_ROWS_N: C = A W^T,
+    proj in forward) or (K, N) (C = A W, dxn = dpre @ fc_w in backward). C in its own dtype."""
+    pid_m, pid_n = _tile_ids(n_rows, n_cols, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    col_mask = offs_n < n_cols
+    a_rows = A_ptr + offs_m.to(tl.int64)[:, None] * n_inner
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_inner, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < n_inner
+        a = tl.load(a_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if B_ROWS_N:
+            b_ptrs = B_ptr + offs_n.to(tl.int64)[None, :] * n_inner + offs_k[:, None]
+        else:
+            b_ptrs = B_ptr + offs_k.to(tl.int64)[:, None] * n_cols + offs_n[None, :]
+        acc = _mma(a, tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0), acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(Bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * n_cols + offs_n[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(R_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(C_ptr + offs, acc.to(C_ptr.dtype.element_ty), mask=mask)
+
+
+# --- backward --------------------------------------------------------------------------------
+
+@triton.jit
+def _dpre_kernel(
+    DY_ptr, PW_ptr, X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, Pre_ptr, Act_ptr, DPre_ptr,
+    n_rows, d, h,
+    HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, HAS_FC_BIAS: tl.constexpr, GATED: tl.constexpr,
+    ACTIVATION: tl.constexpr, RECOMPUTE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Tile (m, n) of dact = dy @ proj_w (K = d); epilogue: u from pre_act or recomputed (K = d again),
+    dpre = dact * act'(u) -> (M, F) (gated: both halves), act(u) -> (M, h)."""
+    pid_m, pid_n = _tile_ids(n_rows, h, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    col_mask = offs_n < h
+    rows = offs_m.to(tl.int64)[:, None]
+    dact = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < d
+        dy = tl.load(DY_ptr + rows * d + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        pw = tl.load(PW_ptr + offs_k.to(tl.int64)[:, None] * h + offs_n[None, :],
+                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        dact = _mma(dy, pw, dact, IEEE)
+    mask = row_mask[:, None] & col_mask[None, :]
+    fc_out = 2 * h if GATED else h
+    pre_offs = rows * fc_out + offs_n[None, :]
+    if RECOMPUTE:
+        a, b = _fc_pre(X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, offs_m, offs_n, n_rows, d, h,
+                       HAS_NORM_BIAS, RMS, HAS_FC_BIAS, GATED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        a = tl.load(Pre_ptr + pre_offs, mask=mask, other=0.0).to(tl.float32)
+        b = a
+        if GATED:
+            b = tl.load(Pre_ptr + pre_offs + h, mask=mask, other=0.0).to(tl.float32)
+    f, df = _act_parts(a, ACTIVATION)
+    dtype = Act_ptr.dtype.element_ty
+    if GATED:
+        tl.store(Act_ptr + rows * h + offs_n[None, :], (f * b).to(dtype), mask=mask)
+        tl.store(DPre_ptr + pre_offs, (dact * b * df).to(dtype), mask=mask)
+        tl.store(DPre_ptr + pre_offs + h, (dact * f).to(dtype), mask=mask)
+    else:
+        tl.store(Act_ptr + rows * h + offs_n[None, :], f.to(dtype), mask=mask)
+        tl.store(DPre_ptr + pre_offs, (dact * df).to(dtype), mask=mask)
+
+
+@triton.jit
+def _dweight_kernel(
+    A_ptr, B_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, C_ptr, DBias_ptr, n_rows, n_a, n_b,
+    NORM_B: tl.constexpr, RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Weight gradient tile C[i, j] = sum_r A[r, i] B[r, j] over all M rows r in order (K = M), A (M, n_a) and
+    B (M, n_b) row-major; B normalised on load when NORM_B (B = x, giving dfc_w). BIAS_GRAD: the programs
+    of the first j tile also store DBias[i] = sum_r A[r, i]. C and DBias in their own dtypes."""
+    pid_i, pid_j = _tile_ids(n_a, n_b, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_mask = offs_i < n_a
+    j_mask = offs_j < n_b
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_mask = rows < n_rows
+        a = tl.load(A_ptr + rows.to(tl.int64)[:, None] * n_a + offs_i[None, :],
+                    mask=r_mask[:, None] & i_mask[None, :], other=0.0)
+        b = tl.load(B_ptr + rows.to(tl.int64)[:, None] * n_b + offs_j[None, :],
+                    mask=r_mask[:, None] & j_mask[None, :], other=0.0)
+        if NORM_B:  # rows past M give b = norm bias; their a rows are 0
+            mean, rstd = _load_stats(Mean_ptr, Rstd_ptr, rows, r_mask, RMS)
+            b = _normalise(b, mean, rstd, NW_ptr, NB_ptr, offs_j, j_mask, HAS_NORM_BIAS)
+        acc = _mma(tl.trans(a), b, acc, IEEE)
+        if BIAS_GRAD:
+            if pid_j == 0:
+                bias_acc += tl.sum(a.to(tl.float32), axis=0)
+    tl.store(C_ptr + offs_i.to(tl.int64)[:, None] * n_b + offs_j[None, :], acc.to(C_ptr.dtype.element_ty),
+             mask=i_mask[:, None] & j_mask[None, :])
+    if BIAS_GRAD:
+        if pid_j == 0:
+            tl.store(DBias_ptr + offs_i, bias_acc.to(DBias_ptr.dtype.element_ty), mask=i_mask)
+
+
+# --- launch configuration --------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class; GROUP_M = 8. Every entry compiles for
+# sm_90a and sm_80 with no spill (static_report_specs()); 16-bit entries have BLOCK_M >= 64 and 4-warp
+# multiples, which wgmma (HGMMA) needs on sm_90a.
+_CONFIGS = {
+    "sm90": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)),
+    "sm80": ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)),
+    "fp32": ((64, 64, 16, 4, 2), (32, 64, 16, 4, 2)),
+}
+GROUP_M = 8
+STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
+MAX_STATS_BLOCK = 1024
+INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 128, 256, 128
+INTERPRET_STATS_TILE = 32768
+
+
+@functools.lru_cache(None)
+def _capability(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major
+
+
+def _config_class(t: torch.Tensor) -> str:
+    if t.dtype == torch.float32:
+        return "fp32"
+    return "sm90" if _capability(t.device.index or 0) >= 9 else "sm80"
+
+
+def _tuned(fn, key):
+    """fn autotuned over every _CONFIGS entry, pruned at launch to the class of its first tensor argument."""
+    by_class = {
+        cls: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                            num_warps=warps, num_stages=stages)
+              for bm, bn, bk, warps, stages in entries]
+        for cls, entries in _CONFIGS.items()
+    }
+
+    def prune(configs, named_args, **kwargs):
+        return by_class[_config_class(next(v for v in named_args.values() if isinstance(v, torch.Tensor)))]
+
+    return triton.autotune(configs=[c for cs in by_class.values() for c in cs], key=key,
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+# the autotune key: the widths and the variant (M is not in it: tuned once per model width and dtype)
+_TUNED = {
+    "fc": _tuned(_fc_fwd_kernel, ["d", "h", "GATED", "STORE_PRE"]),
+    "linear": _tuned(_linear_kernel, ["n_cols", "n_inner", "B_ROWS_N"]),
+    "dpre": _tuned(_dpre_kernel, ["d", "h", "GATED", "RECOMPUTE"]),
+    "dweight": _tuned(_dweight_kernel, ["n_a", "n_b", "NORM_B"]),
+}
+_PLAIN = {"fc": _fc_fwd_kernel, "linear": _linear_kernel, "dpre": _dpre_kernel, "dweight": _dweight_kernel}
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _gemm(name: str, ref: torch.Tensor, n_rows: int, n_cols: int, n_inner: int, args: tuple, flags: dict) -> None:
+    """Launch GEMM kernel `name` over an (n_rows, n_cols) output: autotuned on a GPU; under the interpreter
+    one large-block configuration (few programs)."""
+    flags = dict(flags, IEEE=ref.dtype == torch.float32)
+    if ref.is_cuda:
+        def grid(meta):
+            return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
+
+        _TUNED[name][grid](*args, **flags)
+        return
+    bm = _pow2(n_rows, 16, INTERPRET_BLOCK_M)
+    bn = _pow2(n_cols, 16, INTERPRET_BLOCK_N)
+    bk = _pow2(n_inner, 16, INTERPRET_BLOCK_K)
+    _PLAIN[name][(triton.cdiv(n_rows, bm) * triton.cdiv(n_cols, bn),)](
+        *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=4, num_stages=1)
+
+
+def _stats_blocks(d: int, m: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_D) of the row-statistics pass."""
+    block_d = _pow2(d, 16, MAX_STATS_BLOCK)
+    tile = STATS_TILE if on_gpu else INTERPRET_STATS_TILE
+    return (max(1, tile // block_d) if on_gpu else _pow2(m, 1, tile // block_d)), block_d
+
+
+def _check(x, fc_weight, proj_weight, activation: str) -> None:
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"{OP}: the triton backend takes float32, bfloat16 or float16 x, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{OP}: the triton backend takes x of shape (M, d), got {tuple(x.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, w in (("fc_weight", fc_weight), ("proj_weight", proj_weight)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{OP}: the triton backend takes {name} in x's dtype {x.dtype}, got {w.dtype}")
+
+
+def _widths(fc_weight, activation: str) -> tuple[int, int, bool]:
+    gated = activation in GATED
+    fc_out = fc_weight.shape[0]
+    return fc_out, fc_out // 2 if gated else fc_out, gated
+
+
+def _dense(t):
+    return None if t is None else t.contiguous()
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+def layernorm_mlp_fwd(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias,
+                      eps: float, rms: bool, activation: str, residual: bool, recompute: bool):
+    """fusedlm::layernorm_mlp_fwd_triton: (y (M, d), mean (M,) fp32 or (0,) for rmsnorm, rstd (M,) fp32,
+    pre_act (M, F) in x.dtype, or (0,) when recompute)."""
+    _check(x, fc_weight, proj_weight, activation)
+    x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias = map(
+        _dense, (x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias))
+    m, d = x.shape
+    fc_out, h, gated = _widths(fc_weight, activation)
+    y = torch.empty_like(x)
+    mean = x.new_empty((0,) if rms else (m,), dtype=torch.float32)
+    rstd = x.new_empty((m,), dtype=torch.float32)
+    pre = x.new_empty((0,) if recompute else (m, fc_out))
+    if m == 0:
+        return y, mean, rstd, pre
+    act = x.new_empty((m, h))  # transient: proj's A operand
+    norm = dict(HAS_NORM_BIAS=norm_bias is not None, RMS=rms)
+    with device_guard(OP, x):
+        block_rows, block_d = _stats_blocks(d, m, x.is_cuda)
+        _row_stats_kernel[(triton.cdiv(m, block_rows),)](
+            x, rstd if rms else mean, rstd, m, d, eps, RMS=rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            num_warps=4)
+        _gemm("fc", x, m, h, d,
+              (x, rstd if rms else mean, rstd, norm_weight, _or(norm_bias, norm_weight), fc_weight,
+               _or(fc_bias, fc_weight), act if recompute else pre, act, m, d, h),
+              dict(norm, HAS_FC_BIAS=fc_bias is not None, GATED=gated, ACTIVATION=activation,
+                   STORE_PRE=not recompute))
+        _gemm("linear", x, m, d, h, (act, proj_weight, _or(proj_bias, proj_weight), x, y, m, d, h),
+              dict(B_ROWS_N=True, HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual))
+    return y, mean, rstd, pre
+
+
+def layernorm_mlp_bwd(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
+                      pre_act, eps: float, rms: bool, activation: str, residual: bool):
+    """fusedlm::layernorm_mlp_bwd_triton: (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias, dproj_weight,
+    dproj_bias), each in its input's dtype; the gradient of an absent bias (and dnorm_bias for rmsnorm) is (0,).
+    pre_act with numel 0 means recompute it."""
+    _check(x, fc_weight, proj_weight, activation)
+    dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias = map(
+        _dense, (dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias))
+    m, d = x.shape
+    fc_out, h, gated = _widths(fc_weight, activation)
+
+    def grad_of(bias):
+        return torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+
+    dfc_w, dfc_b = torch.empty_like(fc_weight), grad_of(fc_bias)
+    dproj_w, dproj_b = torch.empty_like(proj_weight), grad_of(proj_bias)
+    if m == 0:
+        dnorm_w, dnorm_b = torch.zeros_like(norm_weight), grad_of(norm_bias).zero_()
+        return (torch.empty_like(x), dnorm_w, dnorm_b, dfc_w.zero_(), dfc_b.zero_(), dproj_w.zero_(),
+                dproj_b.zero_())
+    recompute = pre_act.numel() == 0
+    mean_arg = rstd if rms else mean
+    act = x.new_empty((m, h))  # transients
+    dpre = x.new_empty((m, fc_out))
+    dxn = x.new_empty((m, d), dtype=torch.float32)
+    norm = dict(HAS_NORM_BIAS=norm_bias is not None, RMS=rms)
+    with device_guard(OP, x):
+        _gemm("dpre", x, m, h, d,
+              (dy, proj_weight, x, mean_arg, rstd, norm_weight, _or(norm_bias, norm_weight), fc_weight,
+               _or(fc_bias, fc_weight), dpre if recompute else pre_act.contiguous(), act, dpre, m, d, h),
+              dict(norm, HAS_FC_BIAS=fc_bias is not None, GATED=gated, ACTIVATION=activation, RECOMPUTE=recompute))
+        _gemm("dweight", x, d, h, m,
+              (dy, act, mean_arg, rstd, norm_weight, norm_weight, dproj_w, dproj_b if proj_bias is not None else dproj_w, m, d, h),
+              dict(NORM_B=False, RMS=rms, HAS_NORM_BIAS=False, BIAS_GRAD=proj_bias is not None))
+        _gemm("dweight", x, fc_out, d, m,
+              (dpre, x, mean_arg, rstd, norm_weight, _or(norm_bias, norm_weight), dfc_w, dfc_b if fc_bias is not None else dfc_w,
+               m, fc_out, d),
+              dict(norm, NORM_B=True, BIAS_GRAD=fc_bias is not None))
+        _gemm("linear", x, m, d, fc_out, (dpre, fc_weight, fc_weight, dxn, dxn, m, d, fc_out),
+              dict(B_ROWS_N=False, HAS_BIAS=False, HAS_RESIDUAL=False))
+    # the norm's backward with the residual's gradient added (kernels/layer_norm.py, fixed-order partials)
+    dx, dnorm_w, dnorm_b = norm_kernels.layer_norm_bwd(dxn, dy if residual else None, x, norm_weight, mean, rstd,
+                                                       rms, norm_bias is not None)
+    return dx, dnorm_w, dnorm_b, dfc_w, dfc_b, dproj_w, dproj_b
+
+
+def _or(t, fallback):
+    """A pointer argument for an absent tensor (the kernel's constexpr flag keeps it unread)."""
+    return t if t is not None else fallback
+
+
+# --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) ---------
+
+def static_report_specs() -> list[dict]:
+    """Every _CONFIGS entry of every GEMM kernel, in the dtypes of its class (16-bit classes: bf16 and
+    fp16), in the variant that holds the most registers (gated geglu with both biases and layernorm:
+    two accumulators in fc, three in dpre when recomputing; dfc_w's normalise-on-load); attrs as the JIT
+    finds them for widths that are multiples of 16 (pointers and widths 16-divisible). Plus every
+    BLOCK_D the row-statistics pass can pick."""
+    specs = []
+    for cls, entries in _CONFIGS.items():
+        for dtype in ("fp32",) if cls == "fp32" else ("bf16", "fp16"):
+            p, ieee = "*" + dtype, dtype == "fp32"
+            norm = {"HAS_NORM_BIAS": True, "RMS": False, "IEEE": ieee}
+            fc = dict(norm, HAS_FC_BIAS=True, GATED=True, ACTIVATION="geglu")
+            variants = (
+                (_fc_fwd_kernel, dict(fc, STORE_PRE=True), [p] + ["*fp32"] * 2 + [p] * 6 + ["i32"] * 3),
+                (_linear_kernel, {"B_ROWS_N": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "IEEE": ieee},
+                 [p] * 5 + ["i32"] * 3),
+                (_linear_kernel, {"B_ROWS_N": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "IEEE": ieee},
+                 [p] * 3 + ["*fp32"] * 2 + ["i32"] * 3),
+                (_dpre_kernel, dict(fc, RECOMPUTE=True),
+                 [p, p, p, "*fp32", "*fp32"] + [p] * 7 + ["i32"] * 3),
+                (_dweight_kernel, dict(norm, NORM_B=True, BIAS_GRAD=True),
+                 [p, p, "*fp32", "*fp32", p, p, p, p] + ["i32"] * 3),
+            )
+            for bm, bn, bk, warps, stages in entries:
+                tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
+                for fn, flags, types in variants:
+                    specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
+                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32"))
+    for dtype in ("fp32", "bf16", "fp16"):
+        for block_d in (16 << i for i in range((MAX_STATS_BLOCK // 16).bit_length())):
+            block_rows, _ = _stats_blocks(block_d, 1, True)
+            specs.append(_spec(_row_stats_kernel, dtype, 4, 1,
+                               {"RMS": False, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
+                               ["*" + dtype, "*fp32", "*fp32", "i32", "i32", "fp32"],
+                               f"{block_rows}x{block_d} tile, 4 warps", False))
+    return specs
+
+
+_WIDTHS = ("d", "h", "n_cols", "n_inner", "n_a", "n_b")  # 16-divisible in the aligned case; n_rows is not
+
+
+def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types, config, uses_tensor_cores):
+    names = [name for name in fn.arg_names if name not in constexprs]
+    assert len(names) == len(runtime_types), (fn.__name__, names, len(runtime_types))
+    types = dict(zip(names, runtime_types), **{name: "constexpr" for name in constexprs})
+    divisible = [n for n in names if types[n].startswith("*") or n in _WIDTHS]
+    return {
+        "kernel": fn.__name__, "fn": fn, "signature": {name: types[name] for name in fn.arg_names},
+        "constexprs": dict(constexprs),
+        "attrs": {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible},
+        "num_warps": num_warps, "num_stages": num_stages, "dtype": dtype,
+        "uses_tensor_cores": uses_tensor_cores, "config": config,
+    }
