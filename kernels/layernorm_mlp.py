@@ -12,20 +12,10 @@ Forward (3 launches):
                         epilogue: pre_act = u (stored unless recompute), act = act(u) -> (M, h), a transient
     _linear_kernel      y = act @ proj_w^T + proj_b (+ x): bias and residual in the epilogue
 
-Backward, with g the activation's derivative (gated: act = f(a) b, so da = dact b f'(a), db = dact f(a)):
-
-    _dpre_kernel        dact = dy @ proj_w; u re-read from pre_act, or recomputed by the same program
-                        (a second K loop over d, as in _fc_fwd_kernel); epilogue: dpre = dact * g(u) -> (M, F),
-                        and act(u) -> (M, h) for dproj_w
-    _dweight_kernel     dproj_w = dy^T @ act,  dproj_b = colsum(dy)
-    _dweight_kernel     dfc_w = dpre^T @ xn (xn normalised on load again),  dfc_b = colsum(dpre)
-    _linear_kernel      dxn = dpre @ fc_w -> (M, d) float32
-    layer_norm_bwd      (kernels/layer_norm.py) dx = rstd (gw - <gw> - xhat <gw xhat>) (+ dy with residual),
-                        gw = dxn * w; dnorm_w = colsum(dxn * xhat), dnorm_b = colsum(dxn)
-
-Weight and bias gradients are deterministic without atomics: one program owns a tile of the gradient and
-sums over all M rows in order (the bias column sums ride along in the programs of the first column tile);
-the norm's go through layer_norm's fixed-order partial buffers.
+Backward (kernels/layernorm_mlp_bwd.py): dact = dy @ proj_w with act'(u) fused in its epilogue (u read from
+pre_act, or recomputed in the same program with the norm applied on load) giving dpre; dproj_w = dy^T @ act
+and dfc_w = dpre^T @ norm(x) with their bias column sums; dxn = dpre @ fc_w; the norm's backward with the
+residual's gradient added (kernels/layer_norm.py). Every gradient is deterministic (no atomics).
 
 Memory (s = bytes per element): saved for backward x, mean + rstd (8 M bytes) and, unless recompute,
 pre_act (M F s). Transients: forward act (M h s); backward act (M h s), dpre (M F s), dxn (4 M d).
@@ -47,7 +37,6 @@ import triton
 import triton.language as tl
 
 from fusedlm.kernels import device_guard
-from fusedlm.kernels import layer_norm as norm_kernels
 
 OP = "layernorm_mlp"
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")  # as fusedlm.reference.ACTIVATIONS
@@ -262,92 +251,6 @@ def _linear_kernel(
     tl.store(C_ptr + offs, acc.to(C_ptr.dtype.element_ty), mask=mask)
 
 
-# --- backward --------------------------------------------------------------------------------
-
-@triton.jit
-def _dpre_kernel(
-    DY_ptr, PW_ptr, X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, Pre_ptr, Act_ptr, DPre_ptr,
-    n_rows, d, h,
-    HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, HAS_FC_BIAS: tl.constexpr, GATED: tl.constexpr,
-    ACTIVATION: tl.constexpr, RECOMPUTE: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Tile (m, n) of dact = dy @ proj_w (K = d); epilogue: u from pre_act or recomputed (K = d again),
-    dpre = dact * act'(u) -> (M, F) (gated: both halves), act(u) -> (M, h)."""
-    pid_m, pid_n = _tile_ids(n_rows, h, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs_m < n_rows
-    col_mask = offs_n < h
-    rows = offs_m.to(tl.int64)[:, None]
-    dact = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < d
-        dy = tl.load(DY_ptr + rows * d + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        pw = tl.load(PW_ptr + offs_k.to(tl.int64)[:, None] * h + offs_n[None, :],
-                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        dact = _mma(dy, pw, dact, IEEE)
-    mask = row_mask[:, None] & col_mask[None, :]
-    fc_out = 2 * h if GATED else h
-    pre_offs = rows * fc_out + offs_n[None, :]
-    if RECOMPUTE:
-        a, b = _fc_pre(X_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, FCW_ptr, FCB_ptr, offs_m, offs_n, n_rows, d, h,
-                       HAS_NORM_BIAS, RMS, HAS_FC_BIAS, GATED, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        a = tl.load(Pre_ptr + pre_offs, mask=mask, other=0.0).to(tl.float32)
-        b = a
-        if GATED:
-            b = tl.load(Pre_ptr + pre_offs + h, mask=mask, other=0.0).to(tl.float32)
-    f, df = _act_parts(a, ACTIVATION)
-    dtype = Act_ptr.dtype.element_ty
-    if GATED:
-        tl.store(Act_ptr + rows * h + offs_n[None, :], (f * b).to(dtype), mask=mask)
-        tl.store(DPre_ptr + pre_offs, (dact * b * df).to(dtype), mask=mask)
-        tl.store(DPre_ptr + pre_offs + h, (dact * f).to(dtype), mask=mask)
-    else:
-        tl.store(Act_ptr + rows * h + offs_n[None, :], f.to(dtype), mask=mask)
-        tl.store(DPre_ptr + pre_offs, (dact * df).to(dtype), mask=mask)
-
-
-@triton.jit
-def _dweight_kernel(
-    A_ptr, B_ptr, Mean_ptr, Rstd_ptr, NW_ptr, NB_ptr, C_ptr, DBias_ptr, n_rows, n_a, n_b,
-    NORM_B: tl.constexpr, RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """Weight gradient tile C[i, j] = sum_r A[r, i] B[r, j] over all M rows r in order (K = M), A (M, n_a) and
-    B (M, n_b) row-major; B normalised on load when NORM_B (B = x, giving dfc_w). BIAS_GRAD: the programs
-    of the first j tile also store DBias[i] = sum_r A[r, i]. C and DBias in their own dtypes."""
-    pid_i, pid_j = _tile_ids(n_a, n_b, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
-    i_mask = offs_i < n_a
-    j_mask = offs_j < n_b
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    bias_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        r_mask = rows < n_rows
-        a = tl.load(A_ptr + rows.to(tl.int64)[:, None] * n_a + offs_i[None, :],
-                    mask=r_mask[:, None] & i_mask[None, :], other=0.0)
-        b = tl.load(B_ptr + rows.to(tl.int64)[:, None] * n_b + offs_j[None, :],
-                    mask=r_mask[:, None] & j_mask[None, :], other=0.0)
-        if NORM_B:  # rows past M give b = norm bias; their a rows are 0
-            mean, rstd = _load_stats(Mean_ptr, Rstd_ptr, rows, r_mask, RMS)
-            b = _normalise(b, mean, rstd, NW_ptr, NB_ptr, offs_j, j_mask, HAS_NORM_BIAS)
-        acc = _mma(tl.trans(a), b, acc, IEEE)
-        if BIAS_GRAD:
-            if pid_j == 0:
-                bias_acc += tl.sum(a.to(tl.float32), axis=0)
-    tl.store(C_ptr + offs_i.to(tl.int64)[:, None] * n_b + offs_j[None, :], acc.to(C_ptr.dtype.element_ty),
-             mask=i_mask[:, None] & j_mask[None, :])
-    if BIAS_GRAD:
-        if pid_j == 0:
-            tl.store(DBias_ptr + offs_i, bias_acc.to(DBias_ptr.dtype.element_ty), mask=i_mask)
-
-
 # --- launch configuration --------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class; GROUP_M = 8. Every entry compiles for
@@ -377,8 +280,12 @@ def _config_class(t: torch.Tensor) -> str:
     return "sm90" if _capability(t.device.index or 0) >= 9 else "sm80"
 
 
+_TUNED = {}  # plain kernel -> its autotuned launcher (GPU)
+
+
 def _tuned(fn, key):
-    """fn autotuned over every _CONFIGS entry, pruned at launch to the class of its first tensor argument."""
+    """Register fn autotuned over every _CONFIGS entry, pruned at launch to the class of its first tensor
+    argument. key: the widths and the variant (M is not in it: tuned once per model width and dtype)."""
     by_class = {
         cls: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
                             num_warps=warps, num_stages=stages)
@@ -389,38 +296,32 @@ def _tuned(fn, key):
     def prune(configs, named_args, **kwargs):
         return by_class[_config_class(next(v for v in named_args.values() if isinstance(v, torch.Tensor)))]
 
-    return triton.autotune(configs=[c for cs in by_class.values() for c in cs], key=key,
-                           prune_configs_by={"early_config_prune": prune})(fn)
+    _TUNED[fn] = triton.autotune(configs=[c for cs in by_class.values() for c in cs], key=key,
+                                 prune_configs_by={"early_config_prune": prune})(fn)
 
 
-# the autotune key: the widths and the variant (M is not in it: tuned once per model width and dtype)
-_TUNED = {
-    "fc": _tuned(_fc_fwd_kernel, ["d", "h", "GATED", "STORE_PRE"]),
-    "linear": _tuned(_linear_kernel, ["n_cols", "n_inner", "B_ROWS_N"]),
-    "dpre": _tuned(_dpre_kernel, ["d", "h", "GATED", "RECOMPUTE"]),
-    "dweight": _tuned(_dweight_kernel, ["n_a", "n_b", "NORM_B"]),
-}
-_PLAIN = {"fc": _fc_fwd_kernel, "linear": _linear_kernel, "dpre": _dpre_kernel, "dweight": _dweight_kernel}
+_tuned(_fc_fwd_kernel, ["d", "h", "GATED", "STORE_PRE"])
+_tuned(_linear_kernel, ["n_cols", "n_inner", "B_ROWS_N"])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _gemm(name: str, ref: torch.Tensor, n_rows: int, n_cols: int, n_inner: int, args: tuple, flags: dict) -> None:
-    """Launch GEMM kernel `name` over an (n_rows, n_cols) output: autotuned on a GPU; under the interpreter
-    one large-block configuration (few programs)."""
+def _gemm(kernel, ref: torch.Tensor, n_rows: int, n_cols: int, n_inner: int, args: tuple, flags: dict) -> None:
+    """Launch a GEMM kernel over an (n_rows, n_cols) output with inner size n_inner: autotuned on a GPU;
+    under the interpreter one large-block configuration (few programs)."""
     flags = dict(flags, IEEE=ref.dtype == torch.float32)
     if ref.is_cuda:
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
 
-        _TUNED[name][grid](*args, **flags)
+        _TUNED[kernel][grid](*args, **flags)
         return
     bm = _pow2(n_rows, 16, INTERPRET_BLOCK_M)
     bn = _pow2(n_cols, 16, INTERPRET_BLOCK_N)
     bk = _pow2(n_inner, 16, INTERPRET_BLOCK_K)
-    _PLAIN[name][(triton.cdiv(n_rows, bm) * triton.cdiv(n_cols, bn),)](
+    kernel[(triton.cdiv(n_rows, bm) * triton.cdiv(n_cols, bn),)](
         *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=4, num_stages=1)
 
 
@@ -477,12 +378,12 @@ def layernorm_mlp_fwd(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight
         _row_stats_kernel[(triton.cdiv(m, block_rows),)](
             x, rstd if rms else mean, rstd, m, d, eps, RMS=rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
             num_warps=4)
-        _gemm("fc", x, m, h, d,
+        _gemm(_fc_fwd_kernel, x, m, h, d,
               (x, rstd if rms else mean, rstd, norm_weight, _or(norm_bias, norm_weight), fc_weight,
                _or(fc_bias, fc_weight), act if recompute else pre, act, m, d, h),
               dict(norm, HAS_FC_BIAS=fc_bias is not None, GATED=gated, ACTIVATION=activation,
                    STORE_PRE=not recompute))
-        _gemm("linear", x, m, d, h, (act, proj_weight, _or(proj_bias, proj_weight), x, y, m, d, h),
+        _gemm(_linear_kernel, x, m, d, h, (act, proj_weight, _or(proj_bias, proj_weight), x, y, m, d, h),
               dict(B_ROWS_N=True, HAS_BIAS=proj_bias is not None, HAS_RESIDUAL=residual))
     return y, mean, rstd, pre
 
@@ -490,47 +391,11 @@ def layernorm_mlp_fwd(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight
 def layernorm_mlp_bwd(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
                       pre_act, eps: float, rms: bool, activation: str, residual: bool):
     """fusedlm::layernorm_mlp_bwd_triton: (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias, dproj_weight,
-    dproj_bias), each in its input's dtype; the gradient of an absent bias (and dnorm_bias for rmsnorm) is (0,).
-    pre_act with numel 0 means recompute it."""
-    _check(x, fc_weight, proj_weight, activation)
-    dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias = map(
-        _dense, (dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias))
-    m, d = x.shape
-    fc_out, h, gated = _widths(fc_weight, activation)
+    dproj_bias); the kernels and their launcher are in kernels/layernorm_mlp_bwd.py."""
+    from fusedlm.kernels.layernorm_mlp_bwd import backward
 
-    def grad_of(bias):
-        return torch.empty_like(bias) if bias is not None else x.new_empty((0,))
-
-    dfc_w, dfc_b = torch.empty_like(fc_weight), grad_of(fc_bias)
-    dproj_w, dproj_b = torch.empty_like(proj_weight), grad_of(proj_bias)
-    if m == 0:
-        dnorm_w, dnorm_b = torch.zeros_like(norm_weight), grad_of(norm_bias).zero_()
-        return (torch.empty_like(x), dnorm_w, dnorm_b, dfc_w.zero_(), dfc_b.zero_(), dproj_w.zero_(),
-                dproj_b.zero_())
-    recompute = pre_act.numel() == 0
-    mean_arg = rstd if rms else mean
-    act = x.new_empty((m, h))  # transients
-    dpre = x.new_empty((m, fc_out))
-    dxn = x.new_empty((m, d), dtype=torch.float32)
-    norm = dict(HAS_NORM_BIAS=norm_bias is not None, RMS=rms)
-    with device_guard(OP, x):
-        _gemm("dpre", x, m, h, d,
-              (dy, proj_weight, x, mean_arg, rstd, norm_weight, _or(norm_bias, norm_weight), fc_weight,
-               _or(fc_bias, fc_weight), dpre if recompute else pre_act.contiguous(), act, dpre, m, d, h),
-              dict(norm, HAS_FC_BIAS=fc_bias is not None, GATED=gated, ACTIVATION=activation, RECOMPUTE=recompute))
-        _gemm("dweight", x, d, h, m,
-              (dy, act, mean_arg, rstd, norm_weight, norm_weight, dproj_w, dproj_b if proj_bias is not None else dproj_w, m, d, h),
-              dict(NORM_B=False, RMS=rms, HAS_NORM_BIAS=False, BIAS_GRAD=proj_bias is not None))
-        _gemm("dweight", x, fc_out, d, m,
-              (dpre, x, mean_arg, rstd, norm_weight, _or(norm_bias, norm_weight), dfc_w, dfc_b if fc_bias is not None else dfc_w,
-               m, fc_out, d),
-              dict(norm, NORM_B=True, BIAS_GRAD=fc_bias is not None))
-        _gemm("linear", x, m, d, fc_out, (dpre, fc_weight, fc_weight, dxn, dxn, m, d, fc_out),
-              dict(B_ROWS_N=False, HAS_BIAS=False, HAS_RESIDUAL=False))
-    # the norm's backward with the residual's gradient added (kernels/layer_norm.py, fixed-order partials)
-    dx, dnorm_w, dnorm_b = norm_kernels.layer_norm_bwd(dxn, dy if residual else None, x, norm_weight, mean, rstd,
-                                                       rms, norm_bias is not None)
-    return dx, dnorm_w, dnorm_b, dfc_w, dfc_b, dproj_w, dproj_b
+    return backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
+                    pre_act, eps, rms, activation, residual)
 
 
 def _or(t, fallback):
@@ -541,33 +406,21 @@ def _or(t, fallback):
 # --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) ---------
 
 def static_report_specs() -> list[dict]:
-    """Every _CONFIGS entry of every GEMM kernel, in the dtypes of its class (16-bit classes: bf16 and
-    fp16), in the variant that holds the most registers (gated geglu with both biases and layernorm:
-    two accumulators in fc, three in dpre when recomputing; dfc_w's normalise-on-load); attrs as the JIT
-    finds them for widths that are multiples of 16 (pointers and widths 16-divisible). Plus every
-    BLOCK_D the row-statistics pass can pick."""
-    specs = []
-    for cls, entries in _CONFIGS.items():
-        for dtype in ("fp32",) if cls == "fp32" else ("bf16", "fp16"):
-            p, ieee = "*" + dtype, dtype == "fp32"
-            norm = {"HAS_NORM_BIAS": True, "RMS": False, "IEEE": ieee}
-            fc = dict(norm, HAS_FC_BIAS=True, GATED=True, ACTIVATION="geglu")
-            variants = (
-                (_fc_fwd_kernel, dict(fc, STORE_PRE=True), [p] + ["*fp32"] * 2 + [p] * 6 + ["i32"] * 3),
-                (_linear_kernel, {"B_ROWS_N": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "IEEE": ieee},
-                 [p] * 5 + ["i32"] * 3),
-                (_linear_kernel, {"B_ROWS_N": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "IEEE": ieee},
-                 [p] * 3 + ["*fp32"] * 2 + ["i32"] * 3),
-                (_dpre_kernel, dict(fc, RECOMPUTE=True),
-                 [p, p, p, "*fp32", "*fp32"] + [p] * 7 + ["i32"] * 3),
-                (_dweight_kernel, dict(norm, NORM_B=True, BIAS_GRAD=True),
-                 [p, p, "*fp32", "*fp32", p, p, p, p] + ["i32"] * 3),
-            )
-            for bm, bn, bk, warps, stages in entries:
-                tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
-                for fn, flags, types in variants:
-                    specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
-                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32"))
+    """The forward GEMMs in every _CONFIGS entry (see _gemm_specs), in the variants that hold the most
+    registers (fc: gated geglu, both biases, layernorm, storing pre_act; proj: bias and residual; and the
+    dxn = dpre @ fc_w use of _linear_kernel, float32 output); plus every BLOCK_D of the row statistics."""
+    def variants(p, ieee):
+        return (
+            (_fc_fwd_kernel, {"HAS_NORM_BIAS": True, "RMS": False, "HAS_FC_BIAS": True, "GATED": True,
+                              "ACTIVATION": "geglu", "STORE_PRE": True, "IEEE": ieee},
+             [p] + ["*fp32"] * 2 + [p] * 6 + ["i32"] * 3),
+            (_linear_kernel, {"B_ROWS_N": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "IEEE": ieee},
+             [p] * 5 + ["i32"] * 3),
+            (_linear_kernel, {"B_ROWS_N": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "IEEE": ieee},
+             [p] * 3 + ["*fp32"] * 2 + ["i32"] * 3),
+        )
+
+    specs = _gemm_specs(variants)
     for dtype in ("fp32", "bf16", "fp16"):
         for block_d in (16 << i for i in range((MAX_STATS_BLOCK // 16).bit_length())):
             block_rows, _ = _stats_blocks(block_d, 1, True)
@@ -575,6 +428,21 @@ def static_report_specs() -> list[dict]:
                                {"RMS": False, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
                                ["*" + dtype, "*fp32", "*fp32", "i32", "i32", "fp32"],
                                f"{block_rows}x{block_d} tile, 4 warps", False))
+    return specs
+
+
+def _gemm_specs(variants) -> list[dict]:
+    """One spec per (_CONFIGS entry, dtype of its class: bf16 and fp16 for the 16-bit classes, variant);
+    variants(pointer type, ieee) gives (kernel, constexpr flags, runtime argument types). attrs as the JIT
+    finds them for widths that are multiples of 16 (pointers and widths 16-divisible)."""
+    specs = []
+    for cls, entries in _CONFIGS.items():
+        for dtype in ("fp32",) if cls == "fp32" else ("bf16", "fp16"):
+            for bm, bn, bk, warps, stages in entries:
+                tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
+                for fn, flags, types in variants("*" + dtype, dtype == "fp32"):
+                    specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
+                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32"))
     return specs
 
 
