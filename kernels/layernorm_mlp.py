@@ -23,7 +23,7 @@ Traffic beyond the GEMMs' own operand reads: forward writes pre_act + act and re
 writes act + dpre + dxn and reads them once more (plus pre_act, unless recomputed).
 
 Launch configuration: on a GPU every GEMM kernel is @triton.autotune'd over a short list per class
-(`_CONFIGS`: "sm90" 16-bit, "sm80" 16-bit, "fp32" IEEE dots on FMA units), pruned at launch to the class
+(WIDE / NARROW: "sm90" 16-bit, "sm80" 16-bit, "fp32" IEEE dots on FMA units), pruned at launch to the class
 of the input dtype and the device; every listed entry compiles for sm_90a and sm_80 without spills and,
 16-bit, with HGMMA / HMMA (static_report_specs(), python -m fusedlm.gpu_report). Under TRITON_INTERPRET=1
 (CPU tensors) no autotuning: one large-block configuration sized to the problem, so few programs run.
@@ -254,12 +254,24 @@ def _linear_kernel(
 # --- launch configuration --------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class; GROUP_M = 8. Every entry compiles for
-# sm_90a and sm_80 with no spill (static_report_specs()); 16-bit entries have BLOCK_M >= 64 and 4-warp
-# multiples, which wgmma (HGMMA) needs on sm_90a.
-_CONFIGS = {
+# sm_90a and sm_80 with no spill (static_report_specs()): an sm_90 entry must also fit sm_80 and vice versa,
+# since the report compiles each for both. 16-bit entries have BLOCK_M >= 64 and 4-warp multiples, which
+# wgmma (HGMMA) needs on sm_90a. WIDE: one accumulator (_linear_kernel, _dweight_kernel). NARROW: the fc and
+# dpre kernels, which hold up to two (fc gated) or three (dpre gated and recomputing) accumulator tiles.
+# Pruned because they spill (stack bytes sm_90a / sm_80, bf16, the heaviest variant):
+#   fc   128x128x64 8 warps (0 / 3856), 128x64x64 4 warps (40 / 216), 64x128x64 4 warps (40 / 128),
+#        128x128x32 8 warps (0 / 128), 128x64x32 4 warps (8 / 40); fp32 64x64x16 (0 / 8), 64x32x16 (64 / 0);
+#   dpre every 4-warp tile above 64x64 (304-720 / 248-4744), 128x128 8 warps (584-720 / 248-344),
+#        64x128x64 8 warps (0 / 136); fp32 32x32x32 (80 / 0), 64x32x16 (0 / 8).
+WIDE = {
     "sm90": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)),
     "sm80": ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)),
     "fp32": ((64, 64, 16, 4, 2), (32, 64, 16, 4, 2)),
+}
+NARROW = {
+    "sm90": ((128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)),
+    "sm80": ((128, 64, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
+    "fp32": ((32, 64, 16, 4, 2),),
 }
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
@@ -281,27 +293,29 @@ def _config_class(t: torch.Tensor) -> str:
 
 
 _TUNED = {}  # plain kernel -> its autotuned launcher (GPU)
+_TABLES = {}  # plain kernel -> its configuration table (WIDE or NARROW)
 
 
-def _tuned(fn, key):
-    """Register fn autotuned over every _CONFIGS entry, pruned at launch to the class of its first tensor
+def _tuned(fn, table, key):
+    """Register fn autotuned over every entry of table, pruned at launch to the class of its first tensor
     argument. key: the widths and the variant (M is not in it: tuned once per model width and dtype)."""
     by_class = {
         cls: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
                             num_warps=warps, num_stages=stages)
               for bm, bn, bk, warps, stages in entries]
-        for cls, entries in _CONFIGS.items()
+        for cls, entries in table.items()
     }
 
     def prune(configs, named_args, **kwargs):
         return by_class[_config_class(next(v for v in named_args.values() if isinstance(v, torch.Tensor)))]
 
+    _TABLES[fn] = table
     _TUNED[fn] = triton.autotune(configs=[c for cs in by_class.values() for c in cs], key=key,
                                  prune_configs_by={"early_config_prune": prune})(fn)
 
 
-_tuned(_fc_fwd_kernel, ["d", "h", "GATED", "STORE_PRE"])
-_tuned(_linear_kernel, ["n_cols", "n_inner", "B_ROWS_N"])
+_tuned(_fc_fwd_kernel, NARROW, ["d", "h", "GATED", "STORE_PRE"])
+_tuned(_linear_kernel, WIDE, ["n_cols", "n_inner", "B_ROWS_N"])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -406,7 +420,7 @@ def _or(t, fallback):
 # --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) ---------
 
 def static_report_specs() -> list[dict]:
-    """The forward GEMMs in every _CONFIGS entry (see _gemm_specs), in the variants that hold the most
+    """The forward GEMMs in every entry of their tables (see _gemm_specs), in the variants that hold the most
     registers (fc: gated geglu, both biases, layernorm, storing pre_act; proj: bias and residual; and the
     dxn = dpre @ fc_w use of _linear_kernel, float32 output); plus every BLOCK_D of the row statistics."""
     def variants(p, ieee):
@@ -432,15 +446,17 @@ def static_report_specs() -> list[dict]:
 
 
 def _gemm_specs(variants) -> list[dict]:
-    """One spec per (_CONFIGS entry, dtype of its class: bf16 and fp16 for the 16-bit classes, variant);
-    variants(pointer type, ieee) gives (kernel, constexpr flags, runtime argument types). attrs as the JIT
-    finds them for widths that are multiples of 16 (pointers and widths 16-divisible)."""
+    """One spec per (variant, entry of its kernel's table, dtype of the entry's class: bf16 and fp16 for the
+    16-bit classes); variants(pointer type, ieee) gives (kernel, constexpr flags, runtime argument types).
+    attrs as the JIT finds them for widths that are multiples of 16 (pointers and widths 16-divisible)."""
     specs = []
-    for cls, entries in _CONFIGS.items():
-        for dtype in ("fp32",) if cls == "fp32" else ("bf16", "fp16"):
-            for bm, bn, bk, warps, stages in entries:
-                tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
-                for fn, flags, types in variants("*" + dtype, dtype == "fp32"):
+    for dtype in ("fp32", "bf16", "fp16"):
+        for fn, flags, types in variants("*" + dtype, dtype == "fp32"):
+            for cls, entries in _TABLES[fn].items():
+                if (cls == "fp32") != (dtype == "fp32"):
+                    continue
+                for bm, bn, bk, warps, stages in entries:
+                    tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
                     specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
                                        f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32"))
     return specs

@@ -20,8 +20,8 @@ import triton.language as tl
 from fusedlm.kernels import device_guard
 from fusedlm.kernels import layer_norm as norm_kernels
 from fusedlm.kernels.layernorm_mlp import (
-    OP, _act_parts, _check, _dense, _fc_pre, _gemm, _gemm_specs, _linear_kernel, _load_stats, _mma, _normalise,
-    _or, _tile_ids, _tuned, _widths,
+    NARROW, OP, WIDE, _act_parts, _check, _dense, _fc_pre, _gemm, _gemm_specs, _linear_kernel, _load_stats, _mma,
+    _normalise, _or, _tile_ids, _tuned, _widths,
 )
 
 
@@ -111,8 +111,8 @@ def _dweight_kernel(
             tl.store(DBias_ptr + offs_i, bias_acc.to(DBias_ptr.dtype.element_ty), mask=i_mask)
 
 
-_tuned(_dpre_kernel, ["d", "h", "GATED", "RECOMPUTE"])
-_tuned(_dweight_kernel, ["n_a", "n_b", "NORM_B"])
+_tuned(_dpre_kernel, NARROW, ["d", "h", "GATED", "RECOMPUTE"])
+_tuned(_dweight_kernel, WIDE, ["n_a", "n_b", "NORM_B"])
 
 
 # --- launcher ------------------------------------------------------------------------------------
@@ -144,17 +144,18 @@ def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pro
     dxn = x.new_empty((m, d), dtype=torch.float32)
     norm = dict(HAS_NORM_BIAS=norm_bias is not None, RMS=rms)
     nb = _or(norm_bias, norm_weight)
+    dproj_b_arg = dproj_b if proj_bias is not None else dproj_w  # absent biases: flags keep these unwritten
+    dfc_b_arg = dfc_b if fc_bias is not None else dfc_w
     with device_guard(OP, x):
         _gemm(_dpre_kernel, x, m, h, d,
               (dy, proj_weight, x, mean_arg, rstd, norm_weight, nb, fc_weight, _or(fc_bias, fc_weight),
                dpre if recompute else pre_act.contiguous(), act, dpre, m, d, h),
               dict(norm, HAS_FC_BIAS=fc_bias is not None, GATED=gated, ACTIVATION=activation, RECOMPUTE=recompute))
         _gemm(_dweight_kernel, x, d, h, m,
-              (dy, act, mean_arg, rstd, norm_weight, nb, dproj_w, dproj_b if proj_bias is not None else dproj_w, m, d, h),
+              (dy, act, mean_arg, rstd, norm_weight, nb, dproj_w, dproj_b_arg, m, d, h),
               dict(NORM_B=False, RMS=rms, HAS_NORM_BIAS=False, BIAS_GRAD=proj_bias is not None))
         _gemm(_dweight_kernel, x, fc_out, d, m,
-              (dpre, x, mean_arg, rstd, norm_weight, nb, dfc_w, dfc_b if fc_bias is not None else dfc_w, m, fc_out,
-               d),
+              (dpre, x, mean_arg, rstd, norm_weight, nb, dfc_w, dfc_b_arg, m, fc_out, d),
               dict(norm, NORM_B=True, BIAS_GRAD=fc_bias is not None))
         _gemm(_linear_kernel, x, m, d, fc_out, (dpre, fc_weight, fc_weight, dxn, dxn, m, d, fc_out),
               dict(B_ROWS_N=False, HAS_BIAS=False, HAS_RESIDUAL=False))
@@ -167,14 +168,15 @@ def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pro
 # --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) ---------
 
 def static_report_specs() -> list[dict]:
-    """Both kernels in every _CONFIGS entry (kernels/layernorm_mlp.py _gemm_specs), in the variants that hold
+    """Both kernels in every entry of their tables (kernels/layernorm_mlp.py _gemm_specs), in the variants that hold
     the most registers: dpre gated (geglu) and recomputing u (three accumulators), dfc_w's normalise-on-load."""
     def variants(p, ieee):
         return (
             (_dpre_kernel, {"HAS_NORM_BIAS": True, "RMS": False, "HAS_FC_BIAS": True, "GATED": True,
                             "ACTIVATION": "geglu", "RECOMPUTE": True, "IEEE": ieee},
              [p, p, p, "*fp32", "*fp32"] + [p] * 7 + ["i32"] * 3),
-            (_dweight_kernel, {"NORM_B": True, "RMS": False, "HAS_NORM_BIAS": True, "BIAS_GRAD": True, "IEEE": ieee},
+            (_dweight_kernel,
+             {"NORM_B": True, "RMS": False, "HAS_NORM_BIAS": True, "BIAS_GRAD": True, "IEEE": ieee},
              [p, p, "*fp32", "*fp32", p, p, p, p] + ["i32"] * 3),
         )
 
