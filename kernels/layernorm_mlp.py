@@ -37,10 +37,9 @@ import triton
 import triton.language as tl
 
 from fusedlm.kernels import device_guard
+from fusedlm.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 OP = "layernorm_mlp"
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")  # as fusedlm.reference.ACTIVATIONS
-GATED = ("swiglu", "geglu")
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -359,7 +358,7 @@ def _check(x, fc_weight, proj_weight, activation: str) -> None:
 
 
 def _widths(fc_weight, activation: str) -> tuple[int, int, bool]:
-    gated = activation in GATED
+    gated = activation in GATED_ACTIVATIONS
     fc_out = fc_weight.shape[0]
     return fc_out, fc_out // 2 if gated else fc_out, gated
 

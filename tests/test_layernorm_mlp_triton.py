@@ -34,16 +34,18 @@ def _case_id(case):
     return f"{norm}-{activation}-{flags or 'plain'}-{m}x{d}x{h}"
 
 
-def _inputs(norm, activation, bias, m, d, h):
+def _inputs(norm, activation, bias, m, d, h, fc_scale=1.0):
     """float64 (x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias), fresh and random, scaled
-    so that every activation sees O(1) inputs."""
+    so that every activation (the gate, when gated) sees inputs of size about fc_scale."""
     fc_out = 2 * h if activation in reference.GATED_ACTIVATIONS else h
     f64 = dict(dtype=torch.float64)
+    fc_weight = torch.randn(fc_out, d, **f64) / d ** 0.5
+    fc_weight[:h] *= fc_scale  # the activation's input (the gate when gated)
     return (
         torch.randn(m, d, **f64) * 2 + 0.5,
         1 + 0.2 * torch.randn(d, **f64),
         0.2 * torch.randn(d, **f64) if bias and norm == "layernorm" else None,
-        torch.randn(fc_out, d, **f64) / d ** 0.5,
+        fc_weight,
         0.2 * torch.randn(fc_out, **f64) if bias else None,
         torch.randn(d, h, **f64) / h ** 0.5,
         0.2 * torch.randn(d, **f64) if bias else None,
@@ -73,12 +75,12 @@ def _stats(x, rms):
     return x.mean(-1), torch.rsqrt(var + EPS)
 
 
-def _check_case(case, dtype):
+def _check_case(case, dtype, fc_scale=1.0):
     from fusedlm.kernels import layernorm_mlp as kernels
 
     norm, activation, bias, residual, recompute, (m, d, h) = case
     rms = norm == "rmsnorm"
-    inputs = _inputs(norm, activation, bias, m, d, h)
+    inputs = _inputs(norm, activation, bias, m, d, h, fc_scale)
     dy = torch.randn(m, d, dtype=torch.float64)
     y64, pre64, grads64 = _reference(inputs, dy, torch.float64, norm, activation, residual)
     y_t, pre_t, grads_t = _reference(inputs, dy, dtype, norm, activation, residual)
@@ -112,6 +114,13 @@ def _check_case(case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_forward_and_gradients_fp32(case):
     _check_case(case, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_saturated_activations(activation):
+    """Pre-activations of size ~40: exp overflows inside sigmoid / tanh, yet values and derivatives stay finite."""
+    _check_case(("layernorm", activation, True, False, False, (17, 48, 64)), torch.float32, fc_scale=40.0)
 
 
 @pytest.mark.parametrize("dtype", [
