@@ -5,6 +5,8 @@ statistics, pre_act) and every gradient.
 The grid norm x activation x bias x residual x recompute (96 points) is sampled so that the interpreter
 stays fast: all 12 (norm, activation) pairs, each with one of the 8 (bias, residual, recompute) settings
 in rotation (every setting appears, and each flag is on and off for every norm), on small odd shapes.
+Also: fp16 (bf16 only on a GPU), saturated activations (exp overflow inside sigmoid / tanh), recompute
+giving the saved path's bits, deterministic gradients, M = 0, and bad inputs.
 """
 from __future__ import annotations
 
