@@ -252,7 +252,7 @@ def _linear_kernel(
 
 # --- launch configuration --------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class; GROUP_M = 8. Every entry compiles for
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class (_config_class); GROUP_M = 8. Every entry compiles for
 # sm_90a and sm_80 with no spill (static_report_specs()): an sm_90 entry must also fit sm_80 and vice versa,
 # since the report compiles each for both. 16-bit entries have BLOCK_M >= 64 and 4-warp multiples, which
 # wgmma (HGMMA) needs on sm_90a. WIDE: one accumulator (_linear_kernel, _dweight_kernel). NARROW: the fc and
@@ -262,15 +262,23 @@ def _linear_kernel(
 #        128x128x32 8 warps (0 / 128), 128x64x32 4 warps (8 / 40); fp32 64x64x16 (0 / 8), 64x32x16 (64 / 0);
 #   dpre every 4-warp tile above 64x64 (304-720 / 248-4744), 128x128 8 warps (584-720 / 248-344),
 #        64x128x64 8 warps (0 / 136); fp32 32x32x32 (80 / 0), 64x32x16 (0 / 8).
+# odd16 / odd32: widths not all multiples of 16 (e.g. d = 97). Without the JIT's divisibility
+# specialisation the loads are scalar and pipelining stages them through registers: every entry above
+# spills there (wide 16-bit 8-1848 bytes, fc / dpre 8-1040, fp32 64x64 16). Their entries run one or two
+# stages on small tiles; fc / dpre 16-bit need 64x32 (64x64x16 one stage: 8-256 bytes).
 WIDE = {
     "sm90": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)),
     "sm80": ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)),
     "fp32": ((64, 64, 16, 4, 2), (32, 64, 16, 4, 2)),
+    "odd16": ((128, 64, 32, 8, 1), (64, 64, 32, 4, 2)),
+    "odd32": ((32, 64, 16, 4, 1), (32, 32, 16, 4, 1)),
 }
 NARROW = {
     "sm90": ((128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)),
     "sm80": ((128, 64, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
     "fp32": ((32, 64, 16, 4, 2),),
+    "odd16": ((64, 32, 32, 4, 1), (64, 32, 16, 4, 1)),
+    "odd32": ((32, 64, 16, 4, 1), (32, 32, 16, 4, 1)),
 }
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
@@ -285,9 +293,21 @@ def _capability(index: int) -> int:
     return major
 
 
-def _config_class(t: torch.Tensor) -> str:
+# the widths among the kernels' arguments: aligned when all are multiples of 16 (n_rows need not be)
+_WIDTHS = ("d", "h", "n_cols", "n_inner", "n_a", "n_b")
+CLASS_DTYPES = {"sm90": ("bf16", "fp16"), "sm80": ("bf16", "fp16"), "fp32": ("fp32",),
+                "odd16": ("bf16", "fp16"), "odd32": ("fp32",)}
+
+
+def _config_class(named_args: dict) -> str:
+    """The table class of a launch: its MMA dtype (the first tensor's), the GPU, and whether the widths are
+    multiples of 16 (what the JIT's divisibility specialisation needs to vectorise and pipeline the loads)."""
+    t = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    aligned = all(v % 16 == 0 for k, v in named_args.items() if k in _WIDTHS)
     if t.dtype == torch.float32:
-        return "fp32"
+        return "fp32" if aligned else "odd32"
+    if not aligned:
+        return "odd16"
     return "sm90" if _capability(t.device.index or 0) >= 9 else "sm80"
 
 
@@ -296,8 +316,8 @@ _TABLES = {}  # plain kernel -> its configuration table (WIDE or NARROW)
 
 
 def _tuned(fn, table, key):
-    """Register fn autotuned over every entry of table, pruned at launch to the class of its first tensor
-    argument. key: the widths and the variant (M is not in it: tuned once per model width and dtype)."""
+    """Register fn autotuned over every entry of table, pruned at launch to the entries of its class.
+    key: the widths and the variant (M is not in it: tuned once per model width and dtype)."""
     by_class = {
         cls: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
                             num_warps=warps, num_stages=stages)
@@ -306,7 +326,7 @@ def _tuned(fn, table, key):
     }
 
     def prune(configs, named_args, **kwargs):
-        return by_class[_config_class(next(v for v in named_args.values() if isinstance(v, torch.Tensor)))]
+        return by_class[_config_class(named_args)]
 
     _TABLES[fn] = table
     _TUNED[fn] = triton.autotune(configs=[c for cs in by_class.values() for c in cs], key=key,
@@ -421,7 +441,8 @@ def _or(t, fallback):
 def static_report_specs() -> list[dict]:
     """The forward GEMMs in every entry of their tables (see _gemm_specs), in the variants that hold the most
     registers (fc: gated geglu, both biases, layernorm, storing pre_act; proj: bias and residual; and the
-    dxn = dpre @ fc_w use of _linear_kernel, float32 output); plus every BLOCK_D of the row statistics."""
+    dxn = dpre @ fc_w use of _linear_kernel, float32 output); plus every BLOCK_D of the row statistics,
+    for widths that are multiples of 16 and for odd ones."""
     def variants(p, ieee):
         return (
             (_fc_fwd_kernel, {"HAS_NORM_BIAS": True, "RMS": False, "HAS_FC_BIAS": True, "GATED": True,
@@ -437,38 +458,38 @@ def static_report_specs() -> list[dict]:
     for dtype in ("fp32", "bf16", "fp16"):
         for block_d in (16 << i for i in range((MAX_STATS_BLOCK // 16).bit_length())):
             block_rows, _ = _stats_blocks(block_d, 1, True)
-            specs.append(_spec(_row_stats_kernel, dtype, 4, 1,
-                               {"RMS": False, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
-                               ["*" + dtype, "*fp32", "*fp32", "i32", "i32", "fp32"],
-                               f"{block_rows}x{block_d} tile, 4 warps", False))
+            for aligned in (True, False):
+                specs.append(_spec(_row_stats_kernel, dtype, 4, 1,
+                                   {"RMS": False, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d},
+                                   ["*" + dtype, "*fp32", "*fp32", "i32", "i32", "fp32"],
+                                   f"{block_rows}x{block_d} tile, 4 warps, {'d % 16 == 0' if aligned else 'odd d'}",
+                                   False, aligned))
     return specs
 
 
 def _gemm_specs(variants) -> list[dict]:
     """One spec per (variant, entry of its kernel's table, dtype of the entry's class: bf16 and fp16 for the
     16-bit classes); variants(pointer type, ieee) gives (kernel, constexpr flags, runtime argument types).
-    attrs as the JIT finds them for widths that are multiples of 16 (pointers and widths 16-divisible)."""
+    attrs as the JIT finds them: pointers 16-divisible always, the widths too in the aligned classes."""
     specs = []
     for dtype in ("fp32", "bf16", "fp16"):
         for fn, flags, types in variants("*" + dtype, dtype == "fp32"):
             for cls, entries in _TABLES[fn].items():
-                if (cls == "fp32") != (dtype == "fp32"):
+                if dtype not in CLASS_DTYPES[cls]:
                     continue
                 for bm, bn, bk, warps, stages in entries:
                     tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
                     specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
-                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32"))
+                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32",
+                                       aligned=not cls.startswith("odd")))
     return specs
 
 
-_WIDTHS = ("d", "h", "n_cols", "n_inner", "n_a", "n_b")  # 16-divisible in the aligned case; n_rows is not
-
-
-def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types, config, uses_tensor_cores):
+def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types, config, uses_tensor_cores, aligned=True):
     names = [name for name in fn.arg_names if name not in constexprs]
     assert len(names) == len(runtime_types), (fn.__name__, names, len(runtime_types))
     types = dict(zip(names, runtime_types), **{name: "constexpr" for name in constexprs})
-    divisible = [n for n in names if types[n].startswith("*") or n in _WIDTHS]
+    divisible = [n for n in names if types[n].startswith("*") or (aligned and n in _WIDTHS)]
     return {
         "kernel": fn.__name__, "fn": fn, "signature": {name: types[name] for name in fn.arg_names},
         "constexprs": dict(constexprs),

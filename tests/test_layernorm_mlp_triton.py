@@ -176,3 +176,23 @@ def test_bad_inputs_name_the_op_and_argument():
         kernels.layernorm_mlp_fwd(*args, EPS, False, "tanh", True, False)
     with pytest.raises(ValueError, match=r"layernorm_mlp: the triton backend takes x of shape \(M, d\)"):
         kernels.layernorm_mlp_fwd(args[0][None], *args[1:], EPS, False, "gelu", True, False)
+
+
+def test_launch_classes_and_report_cover_every_table_entry():
+    """A launch takes the entries of its class (dtype, GPU, widths multiple of 16 or not), and the GPU static
+    report (static_report_specs) compiles every entry of every kernel's table in every dtype of its class."""
+    from fusedlm.kernels import layernorm_mlp as kernels
+    from fusedlm.kernels import layernorm_mlp_bwd as bwd_kernels
+
+    f32, f16 = torch.empty(1), torch.empty(1, dtype=torch.float16)
+    assert kernels._config_class({"X_ptr": f32, "n_rows": 7, "d": 96, "h": 128}) == "fp32"
+    assert kernels._config_class({"X_ptr": f32, "n_rows": 16, "d": 97, "h": 128}) == "odd32"
+    assert kernels._config_class({"A_ptr": f16, "n_rows": 16, "n_a": 64, "n_b": 200}) == "odd16"
+    specs = {(s["kernel"], s["dtype"], s["config"])
+             for s in kernels.static_report_specs() + bwd_kernels.static_report_specs()}
+    for fn, table in kernels._TABLES.items():
+        for cls, entries in table.items():
+            for bm, bn, bk, warps, stages in entries:
+                for dtype in kernels.CLASS_DTYPES[cls]:
+                    config = f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages"
+                    assert (fn.__name__, dtype, config) in specs, (fn.__name__, dtype, config)
