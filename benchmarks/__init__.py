@@ -17,7 +17,7 @@ runner (run.py: presets, markdown, JSON, plots). An op module provides:
 """
 import importlib
 
-OPS = ("layer_norm", "attention", "softmax_output")
+OPS = ("layer_norm", "attention", "softmax_output", "layernorm_mlp")
 
 
 def load_op(op: str):
