@@ -117,6 +117,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
   Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
   Tensor act = at::empty({block, h}, x.options());
   const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
+  // y = (x) (+ proj_bias), initialised for all rows in one pass (one parallel region rather than
+  // one per block), then every block's proj GEMM accumulates into its rows.
+  const bool accumulate_y = residual || proj_bias.has_value();
+  if (residual && proj_bias.has_value()) {
+    at::add_out(y, x, *proj_bias);
+  } else if (residual) {
+    y.copy_(x);
+  } else if (proj_bias.has_value()) {
+    y.copy_(proj_bias->expand({m, d}));
+  }
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
@@ -136,17 +146,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
     aa.isa = isa;
     aa.num_threads = at::get_num_threads();
     cpu::mlp_act_fwd(aa);
-    // y = (x) (+ proj_bias) + act proj_w^T: the GEMM accumulates into the initialised block.
     Tensor y_b = y.narrow(0, r0, rows);
     const Tensor act_b = act.narrow(0, 0, rows);
-    if (residual && proj_bias.has_value()) {
-      at::add_out(y_b, x.narrow(0, r0, rows), *proj_bias);
-    } else if (residual) {
-      y_b.copy_(x.narrow(0, r0, rows));
-    } else if (proj_bias.has_value()) {
-      y_b.copy_(proj_bias->expand({rows, d}));
-    }
-    if (residual || proj_bias.has_value()) {
+    if (accumulate_y) {
       y_b.addmm_(act_b, proj_wt);
     } else {
       at::mm_out(y_b, act_b, proj_wt);
@@ -236,7 +238,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     gemm_accumulate(dfc_w, dpre_b.t(), xn_b, fc_scratch);      // dfc_w += d(pre)^T xn
     Tensor dxn_b = xn.narrow(0, 0, rows);
     at::mm_out(dxn_b, dpre_b, fc_weight);                      // d(xn) = d(pre) fc_w
-    if (proj_bias.has_value()) cpu::column_sum_acc(dy_b.data_ptr(), rows, d, dtype, dproj_b.data_ptr<float>(), nt);
 
     cpu::LayerNormBwdArgs lb{};
     lb.dy = dxn_b.data_ptr();
@@ -259,6 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     lb.num_threads = nt;
     cpu::layer_norm_bwd(lb);
   }
+  if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), nt);
   const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
   return {dx, out(dnorm_w), out(dnorm_b), out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
 }
