@@ -36,8 +36,13 @@ using at::Tensor;
 namespace cpu = fusedlm::cpu;
 namespace lm = fusedlm::layernorm_mlp;
 
-// Target bytes of one (block, fc_out) intermediate. Measured on the 2-core development CPU (32 MiB
-// L3, 1 MiB L2 per core) at 4096 x 768 x 3072: see the docstring of the Python op.
+// Target bytes of one (block, fc_out) intermediate: the block's d(act), d(pre) and x rows then
+// fit the 32 MiB L3 of the development CPU (1 MiB L2 per core) together. Measured there at 4096 x
+// 768 x 3072, forward+backward over the six GEMMs alone, one thread (the machine was loaded, so the
+// two-thread numbers were dominated by other processes): fp32 512 rows 1.03x, 1024 1.05x, 2048
+// 1.14x, one block 1.10x; bf16 (1024 rows by this rule) 512 1.06x, 1024 1.06x, 2048 1.04x, one
+// block 1.08x. Each block costs about ten parallel regions (norm, GEMMs, passes), which a loaded
+// machine makes expensive: larger blocks trade cache for fewer of them.
 constexpr int64_t kBlockBytes = int64_t(6) << 20;
 
 // Rows per token block: about kBlockBytes of (block, fc_out) intermediate, 64-row multiples in
