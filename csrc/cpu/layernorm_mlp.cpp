@@ -188,6 +188,22 @@ void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int nu
   }
 }
 
+// Both arrays cut into one list of fixed 4096-element chunks, spread over the threads.
+template <typename T>
+void add_to_fp32_typed(const T* x0, float* acc0, int64_t n0, const T* x1, float* acc1, int64_t n1, int num_threads) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
+  const int nt = (n0 + n1) < kMinParallelElems ? 1 : std::max(1, num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const bool first = c < c0;
+    const T* x = first ? x0 : x1;
+    float* acc = first ? acc0 : acc1;
+    const int64_t begin = (first ? c : c - c0) * kChunk, end = std::min(first ? n0 : n1, begin + kChunk);
+    for (int64_t i = begin; i < end; ++i) acc[i] += mlp::to_float(x[i]);
+  }
+}
+
 }  // namespace
 
 bool parse_activation(const char* name, Activation* out) {
@@ -219,6 +235,14 @@ void mlp_act_bwd(const MlpActBwdArgs& args) {
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads) {
   if (dtype == DType::BFloat16) return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, num_threads);
   column_sum_typed(static_cast<const float*>(x), rows, cols, acc, num_threads);
+}
+
+void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
+                 int num_threads) {
+  if (dtype == DType::BFloat16)
+    return add_to_fp32_typed(static_cast<const bf16*>(x0), acc0, n0, static_cast<const bf16*>(x1), acc1, n1,
+                             num_threads);
+  add_to_fp32_typed(static_cast<const float*>(x0), acc0, n0, static_cast<const float*>(x1), acc1, n1, num_threads);
 }
 
 }  // namespace cpu

@@ -66,5 +66,10 @@ void mlp_act_bwd(const MlpActBwdArgs& args);
 // bias gradient, sum of d(y)); deterministic for any thread count.
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads);
 
+// acc0[i] += x0[i] (i < n0) and acc1[i] += x1[i] (i < n1), in fp32, in one parallel region: the
+// bf16 weight-gradient GEMM results of a token block added to their fp32 sums.
+void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
+                 int num_threads);
+
 }  // namespace cpu
 }  // namespace fusedlm

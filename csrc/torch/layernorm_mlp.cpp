@@ -36,14 +36,18 @@ using at::Tensor;
 namespace cpu = fusedlm::cpu;
 namespace lm = fusedlm::layernorm_mlp;
 
-// Target bytes of one (block, fc_out) intermediate: the block's d(act), d(pre) and x rows then
-// fit the 32 MiB L3 of the development CPU (1 MiB L2 per core) together. Measured there at 4096 x
-// 768 x 3072, forward+backward over the six GEMMs alone, one thread (the machine was loaded, so the
-// two-thread numbers were dominated by other processes): fp32 512 rows 1.03x, 1024 1.05x, 2048
-// 1.14x, one block 1.10x; bf16 (1024 rows by this rule) 512 1.06x, 1024 1.06x, 2048 1.04x, one
-// block 1.08x. Each block costs about ten parallel regions (norm, GEMMs, passes), which a loaded
-// machine makes expensive: larger blocks trade cache for fewer of them.
-constexpr int64_t kBlockBytes = int64_t(6) << 20;
+// Target bytes of one (block, fc_out) intermediate. Measured at 4096 x 768 x 3072 on the 2-core
+// development CPU (32 MiB L3, 1 MiB L2 per core), forward+backward over the six GEMMs alone, while
+// other processes kept the load average at 7-10:
+//   one thread:   fp32 512 rows 1.03x, 1024 1.05x, 2048 1.14x, one block 1.10x;
+//                 bf16 512 1.06x, 1024 1.06x, 2048 1.04x, one block 1.08x
+//   two threads:  fp32 512 1.47x, 1024 1.24x, 2048 1.14x, one block 1.08x;
+//                 bf16 512 2.28x, 1024 1.67x, 2048 1.34x, one block 1.27x
+// One thread shows the cache at work (blocks of 512-2048 rows beat one block); with two threads
+// on a loaded machine every parallel region (each GEMM, pass and norm call: about ten per block)
+// waits for a descheduled thread, so fewer, larger blocks win. 12 MiB (fp32: 1024 rows, bf16:
+// 2048 at h = 3072) is the compromise.
+constexpr int64_t kBlockBytes = int64_t(12) << 20;
 
 // Rows per token block: about kBlockBytes of (block, fc_out) intermediate, 64-row multiples in
 // [128, 2048]; one block when that leaves less than half a block over. FUSEDLM_LNMLP_BLOCK_ROWS
@@ -162,17 +166,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
   return {y, mean, rstd, pre_act};
 }
 
-// acc (fp32) += a b, for the weight gradients: fp32 straight into the accumulator; bf16 through
-// `scratch` (acc's shape, bf16), a GEMM with fp32 accumulation inside, then one add.
-void gemm_accumulate(Tensor& acc, const Tensor& a, const Tensor& b, Tensor& scratch) {
-  if (a.scalar_type() == at::kFloat) {
-    acc.addmm_(a, b);
-  } else {
-    at::mm_out(scratch, a, b);
-    acc.add_(scratch);
-  }
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cpu(
     const Tensor& dy, const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias,
     const Tensor& fc_weight, const std::optional<Tensor>& fc_bias, const Tensor& proj_weight,
@@ -239,8 +232,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     ab.num_threads = nt;
     cpu::mlp_act_bwd(ab);
 
-    gemm_accumulate(dproj_w, dy_b.t(), dact_b, proj_scratch);  // dproj_w += dy^T act
-    gemm_accumulate(dfc_w, dpre_b.t(), xn_b, fc_scratch);      // dfc_w += d(pre)^T xn
+    // dproj_w += dy^T act, dfc_w += d(pre)^T xn: fp32 straight into the sums; bf16 through a
+    // bf16 GEMM each (fp32 accumulation inside), both added to the sums in one pass.
+    if (bf16) {
+      at::mm_out(proj_scratch, dy_b.t(), dact_b);
+      at::mm_out(fc_scratch, dpre_b.t(), xn_b);
+      cpu::add_to_fp32(proj_scratch.data_ptr(), dproj_w.data_ptr<float>(), d * h, fc_scratch.data_ptr(),
+                       dfc_w.data_ptr<float>(), fc_out * d, dtype, nt);
+    } else {
+      dproj_w.addmm_(dy_b.t(), dact_b);
+      dfc_w.addmm_(dpre_b.t(), xn_b);
+    }
     Tensor dxn_b = xn.narrow(0, 0, rows);
     at::mm_out(dxn_b, dpre_b, fc_weight);                      // d(xn) = d(pre) fc_w
 
