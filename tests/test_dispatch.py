@@ -35,9 +35,6 @@ def _small_inputs():
     return {
         "attention": lambda b: fusedlm.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 1, 7, 8),
                                                  torch.randn(1, 1, 7, 8), causal=True, backend=b),
-        "layernorm_mlp": lambda b: fusedlm.layernorm_mlp(torch.randn(3, 8), torch.ones(8), torch.zeros(8),
-                                                         torch.randn(16, 8), None, torch.randn(8, 16), None,
-                                                         backend=b),
         "lm_head_softmax": lambda b: fusedlm.lm_head_softmax(torch.randn(3, 8), torch.randn(11, 8), backend=b),
     }
 
