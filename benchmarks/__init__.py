@@ -19,7 +19,7 @@ runner (run.py: presets, markdown, JSON, plots). An op module provides:
 """
 import importlib
 
-OPS = ("layer_norm", "attention", "softmax_output", "lm_head")
+OPS = ("layer_norm", "attention", "layernorm_mlp", "softmax_output", "lm_head")
 
 
 def load_op(op: str):

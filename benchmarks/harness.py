@@ -76,7 +76,9 @@ class Inputs:
 @dataclass
 class Provider:
     """fn(tensors: dict) -> Tensor or tuple of Tensors. fn None: cannot run here, `why` says why.
-    kind "compile": the harness wraps fn in torch.compile once per case."""
+    kind "compile": the harness wraps fn in torch.compile once per case. kind "floor": a lower
+    bound on the time that does not compute the op (e.g. its GEMMs alone); its output is not
+    compared with the baseline's."""
     name: str
     fn: Callable | None
     kind: str
@@ -281,7 +283,8 @@ def _warm_up(providers: list, inputs: Inputs, warmup: int, device: str, errors: 
             backward(outs, inputs)
             _sync(device)
             first_call[p.name] = time.perf_counter() - t0
-            outputs[p.name] = outs[0].detach()
+            if p.kind != "floor":
+                outputs[p.name] = outs[0].detach()
             del outs
             inputs.zero_grad()
             for _ in range(max(0, warmup - 1)):

@@ -31,27 +31,6 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         dispatch.resolve("layer_norm", "triton", torch.device("cpu"), "layer_norm_fwd", True)
 
 
-def _small_inputs():
-    return {
-        "layernorm_mlp": lambda b: fusedlm.layernorm_mlp(torch.randn(3, 8), torch.ones(8), torch.zeros(8),
-                                                         torch.randn(16, 8), None, torch.randn(8, 16), None,
-                                                         backend=b),
-    }
-
-
-@pytest.mark.parametrize("op", sorted(_small_inputs()))
-def test_ops_without_kernels_run_the_reference_and_refuse_kernel_backends(op):
-    call = _small_inputs()[op]
-    torch.manual_seed(1)
-    auto = call("auto")
-    torch.manual_seed(1)
-    ref = call("reference")
-    torch.testing.assert_close(auto, ref)
-    for backend in ("cpu", "triton"):
-        with pytest.raises(fusedlm.BackendError, match=f"{op}: backend='{backend}'"):
-            call(backend)
-
-
 ATTN_BAD = [
     (dict(q=torch.randn(2, 8, 64)), ValueError, r"attention: q must be 4-D \(B, H, N, D\), got shape \(2, 8, 64\)"),
     (dict(k=torch.randn(2, 3, 7, 16), v=torch.randn(2, 3, 7, 16)), ValueError,

@@ -298,7 +298,7 @@ void bwd_typed(const LayerNormBwdArgs& a) {
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) row = rows::avx512_bwd_row<T>(a.rms, stream);
 #endif
-  const bool has_bias = dbias != nullptr;
+  const bool has_bias = dbias != nullptr || a.dbias_acc != nullptr;
   const ChunkPlan plan = plan_chunks(m, n);
   float* ws = a.workspace;  // [chunk][dweight partial (n), dbias partial (n)]
   const int nt = threads_for(a.num_threads, m * n, plan.chunks);
@@ -330,6 +330,12 @@ void bwd_typed(const LayerNormBwdArgs& a) {
         for (int64_t j = 0; j < cols; ++j) sw[j] += dwp[j];
         if (has_bias)
           for (int64_t j = 0; j < cols; ++j) sb[j] += dwp[n + j];
+      }
+      if (a.dweight_acc != nullptr) {
+        for (int64_t j = 0; j < cols; ++j) a.dweight_acc[j0 + j] += sw[j];
+        if (has_bias)
+          for (int64_t j = 0; j < cols; ++j) a.dbias_acc[j0 + j] += sb[j];
+        continue;
       }
       for (int64_t j = 0; j < cols; ++j) dweight[j0 + j] = from_float<T>(sw[j]);
       if (has_bias)

@@ -59,6 +59,11 @@ struct LayerNormBwdArgs {
   void* dweight;        // (N,) out
   void* dbias;          // (N,) out, or nullptr (no bias)
   float* workspace;     // layer_norm_bwd_workspace_floats(rows, cols) floats, any contents
+  // Optional (N,) fp32 accumulators: when dweight_acc is set, the call adds its fp32 sums to
+  // dweight_acc (and dbias_acc) instead of writing dweight/dbias, so that a caller processing
+  // rows in blocks (layernorm_mlp.cpp) keeps one fp32 sum over all of them.
+  float* dweight_acc = nullptr;
+  float* dbias_acc = nullptr;
   int64_t rows;
   int64_t cols;
   bool rms;

@@ -1,0 +1,183 @@
+"""Benchmark of fusedlm.layernorm_mlp: the GPT-2 pre-norm feed-forward sub-block.
+
+One variant, GPT-2's block: y = x + proj(gelu_tanh(fc(LayerNorm(x)))), every bias present, h = 4d;
+x (tokens, d) and every parameter are leaves that need a gradient (a training step). A case's
+shape is (tokens, d, h).
+
+Providers:
+    fusedlm[cpu] / fusedlm[cuda] / fusedlm[triton]        recompute=False (saves x, statistics, pre_act)
+    ... + ",recompute" variants                           recompute=True (saves x and the statistics)
+    eager           nn.LayerNorm + nn.Linear + GELU + nn.Linear + add, as F.* calls (the baseline)
+    compile(eager)  torch.compile of it
+    six GEMMs       y = (x fc_w^T) proj_w^T with autograd: exactly the sub-block's two forward and four
+                    backward GEMMs and nothing else, the floor a CPU implementation can approach
+    TransformerEngine (te.LayerNormMLP) and liger-kernel where installed, on a GPU
+
+On the CPU the six GEMMs are nearly the whole time (2 * tokens * d * h * 2 flops each); the issue's
+targets at 4096 x 768 x 3072: forward+backward within 1.04x of the six GEMMs (fp32 and bf16), and
+bytes saved for backward, beyond the parameters, at most 50% of eager's (recompute=False) and 15%
+(recompute=True). The saved-MB column counts the parameters too (about 2 d h elements): compare
+the per-token numbers of the op's docstring (python/fusedlm/ops/layernorm_mlp.py).
+
+Minimum traffic (GB/s column): forward reads x and writes y (2 (tokens, d) tensors) plus the
+weights; backward reads dy, x and writes dx (3) plus reading the weights and writing their
+gradients. The op is GEMM-bound; GB/s is for comparison between providers only.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from fusedlm import dispatch
+
+from .harness import Case, Inputs, Provider
+
+OP = "layernorm_mlp"
+TITLE = "layernorm_mlp (fusedlm.layernorm_mlp)"
+EPS = 1e-5
+ACTIVATION = "gelu_tanh"
+
+
+@dataclass(frozen=True)
+class Variant:
+    baseline: str
+    title: str
+
+
+VARIANTS = {
+    "gpt2": Variant("eager", "GPT-2 block: x + proj(gelu_tanh(fc(LayerNorm(x)))), biases, h = 4d, "
+                             "against eager nn.LayerNorm + nn.Linear + GELU + nn.Linear + add"),
+}
+
+# Shapes (tokens, d, h) per device and preset: GPT-2 small, medium and XL widths.
+PRESETS = {
+    ("cpu", "quick"): [(4096, 768, 3072)],
+    ("cpu", "full"): [(4096, 768, 3072), (16384, 768, 3072), (4096, 1024, 4096), (4096, 1600, 6400)],
+    ("cuda", "quick"): [(16384, 768, 3072), (16384, 1600, 6400)],
+    ("cuda", "full"): [(4096, 768, 3072), (16384, 768, 3072), (4096, 1024, 4096), (16384, 1024, 4096),
+                       (4096, 1600, 6400), (16384, 1600, 6400)],
+}
+# A CPU forward+backward at 4096 x 768 x 3072 costs about 0.6 s (fp32) per provider and mode.
+REPEATS = {("cpu", "quick"): 10, ("cpu", "full"): 5}
+
+
+def cases(preset: str, device: str, dtypes: list) -> list:
+    return [Case(OP, v, shape, dt, device) for v in VARIANTS for shape in PRESETS[(device, preset)] for dt in dtypes
+            if not (device == "cpu" and dt == "float16")]
+
+
+def baseline(case: Case) -> str:
+    return VARIANTS[case.variant].baseline
+
+
+def make_inputs(case: Case) -> Inputs:
+    n, d, h = case.shape
+    kw = dict(device=case.device, dtype=case.torch_dtype)
+    torch.manual_seed(0)
+
+    def leaf(t):
+        return t.to(**kw).requires_grad_()
+
+    dev = case.device
+    tensors = {
+        "x": leaf(torch.randn(n, d, device=dev)),
+        "norm_weight": leaf(1 + 0.1 * torch.randn(d, device=dev)),
+        "norm_bias": leaf(0.1 * torch.randn(d, device=dev)),
+        "fc_weight": leaf(torch.randn(h, d, device=dev) / d ** 0.5),
+        "fc_bias": leaf(0.1 * torch.randn(h, device=dev)),
+        "proj_weight": leaf(torch.randn(d, h, device=dev) / h ** 0.5),
+        "proj_bias": leaf(0.1 * torch.randn(d, device=dev)),
+    }
+    return Inputs(tensors, (torch.randn(n, d, **kw),))
+
+
+def min_bytes(case: Case, mode: str) -> int:
+    n, d, h = case.shape
+    s = case.torch_dtype.itemsize
+    weights = 2 * d * h * s
+    fwd = 2 * n * d * s + weights
+    bwd = 3 * n * d * s + 2 * weights
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+
+# --- providers -------------------------------------------------------------------------------
+
+def _fused(backend: str, recompute: bool):
+    def run(t):
+        return fusedlm.layernorm_mlp(t["x"], t["norm_weight"], t["norm_bias"], t["fc_weight"], t["fc_bias"],
+                                     t["proj_weight"], t["proj_bias"], eps=EPS, activation=ACTIVATION,
+                                     residual=True, recompute=recompute, backend=backend)
+    return run
+
+
+def _eager(t):
+    x = t["x"]
+    xn = F.layer_norm(x, (x.shape[-1],), t["norm_weight"], t["norm_bias"], EPS)
+    a = F.gelu(F.linear(xn, t["fc_weight"], t["fc_bias"]), approximate="tanh")
+    return x + F.linear(a, t["proj_weight"], t["proj_bias"])
+
+
+def _six_gemms(t):
+    return F.linear(F.linear(t["x"], t["fc_weight"]), t["proj_weight"])
+
+
+def _transformer_engine(case: Case):
+    if case.device != "cuda":
+        return None, "Transformer Engine runs on NVIDIA GPUs only"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None, "transformer_engine is not installed"
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as exc:
+        return None, f"transformer_engine does not import: {exc}"
+    n, d, h = case.shape
+    module = te.LayerNormMLP(d, h, eps=EPS, activation="gelu", params_dtype=case.torch_dtype).to(case.device)
+    return (lambda t: t["x"] + module(t["x"])), ""
+
+
+def _liger(case: Case):
+    if case.device != "cuda":
+        return None, "liger-kernel runs on GPUs only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None, "liger-kernel is not installed"
+    return None, "liger-kernel has no fused LayerNorm + MLP (only separate norm and GEGLU/SwiGLU kernels)"
+
+
+def providers(case: Case) -> list:
+    out = []
+    for recompute in (False, True):
+        suffix = ",recompute" if recompute else ""
+        if case.device == "cpu":
+            if dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CPU"):
+                out.append(Provider(f"fusedlm[cpu{suffix}]", _fused("cpu", recompute), "fusedlm"))
+            else:
+                out.append(Provider(f"fusedlm[cpu{suffix}]", None, "fusedlm",
+                                    f"the extension fusedlm._C is not built ({dispatch._C_ERROR})"))
+        else:
+            if dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CUDA"):
+                out.append(Provider(f"fusedlm[cuda{suffix}]", _fused("cuda", recompute), "fusedlm"))
+            else:
+                out.append(Provider(f"fusedlm[cuda{suffix}]", None, "fusedlm",
+                                    "fusedlm._C was built without CUDA kernels"))
+            if not dispatch._triton_importable():
+                out.append(Provider(f"fusedlm[triton{suffix}]", None, "fusedlm", "triton is not installed"))
+            elif importlib.util.find_spec("fusedlm.kernels.layernorm_mlp") is None:
+                out.append(Provider(f"fusedlm[triton{suffix}]", None, "fusedlm",
+                                    "fusedlm.kernels.layernorm_mlp is missing"))
+            else:
+                out.append(Provider(f"fusedlm[triton{suffix}]", _fused("triton", recompute), "fusedlm"))
+    if case.device == "cpu":
+        out.append(Provider("fusedlm[triton]", None, "fusedlm",
+                            "Triton needs a GPU here; its CPU interpreter is a test tool, not a performance path"))
+    out.append(Provider("eager", _eager, "peer"))
+    out.append(Provider("compile(eager)", _eager, "compile"))
+    out.append(Provider("six GEMMs", _six_gemms, "floor"))
+    fn, why = _transformer_engine(case)
+    out.append(Provider("TransformerEngine", fn, "peer", why))
+    fn, why = _liger(case)
+    out.append(Provider("liger", fn, "peer", why))
+    return out

@@ -1,0 +1,249 @@
+// The element-wise passes of the CPU LayerNorm + feed-forward op: the drivers (OpenMP over column
+// ranges), the portable scalar instances of the loops of layernorm_mlp_act.h, and the choice of
+// the AVX-512 instances (layernorm_mlp_avx512.cpp) at run time.
+//
+// Threads split the columns of a block, not its rows: every thread walks all rows of its column
+// range, so each fc-bias gradient column is summed by one thread in row order (the same bits
+// for any thread count, without per-thread partial rows to reduce), and the ranges are long
+// contiguous runs of each row (h / threads columns) that the prefetchers stream.
+//
+// Memory traffic per element of a (rows, h) block: forward reads pre, writes act (and pre when a
+// bias is added): 2-3 accesses; backward reads pre and d(act), writes d(pre) and act: 4 (gated:
+// 2h-wide pre and d(pre)). With the token blocks of csrc/torch/layernorm_mlp.cpp these stay in
+// the last-level cache between the GEMM that produces them and the GEMM that consumes them.
+#include "cpu/layernorm_mlp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/layer_norm_rows.h"
+
+namespace fusedlm {
+namespace cpu {
+namespace mlp {
+namespace {
+
+using rows::bf16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float round_to(const float*, float v) { return v; }
+inline float round_to(const bf16*, float v) {  // round to nearest even, as torch does
+  if (std::isnan(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store_bits(float* p, float v) { *p = v; }
+inline void store_bits(bf16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  p->bits = std::isnan(v) ? uint16_t(0x7fc0) : uint16_t(u >> 16);
+}
+
+inline float vexp(float x) { return std::exp(x); }
+inline float vabs(float x) { return std::fabs(x); }
+inline float vrelu(float x) { return x > 0.0f ? x : 0.0f; }
+inline float vstep(float x) { return x > 0.0f ? 1.0f : 0.0f; }
+inline float vsign_of(float u, float v) { return u < 0.0f ? -v : v; }
+
+struct ScalarIsa {
+  using V = float;
+  using Mask = int;
+  static constexpr int W = 1;
+  static Mask mask(int64_t) { return 1; }
+  template <typename T>
+  static float load(const T* p, Mask) {
+    return to_float(*p);
+  }
+  static float loadf(const float* p, Mask) { return *p; }
+  template <typename T>
+  static float store(T* p, float v, Mask) {
+    const float r = round_to(p, v);
+    store_bits(p, r);
+    return r;
+  }
+  template <typename T>
+  static float round(const T* tag, float v) {
+    return round_to(tag, v);
+  }
+  static void add_to(float* p, float v, Mask) { *p += v; }
+};
+
+}  // namespace
+}  // namespace mlp
+}  // namespace cpu
+}  // namespace fusedlm
+
+#include "cpu/layernorm_mlp_act.h"
+
+namespace fusedlm {
+namespace cpu {
+namespace {
+
+using mlp::ActCols;
+using rows::bf16;
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
+int threads_for(int requested, int64_t elems, int64_t cols) {
+  if (requested < 1 || elems < kMinParallelElems) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>(requested, (cols + 15) / 16)));
+}
+
+// Thread t's columns [c0, c1) of `cols`: contiguous ranges, multiples of 16 (one vector, 64
+// bytes of fp32) except the last.
+void column_range(int64_t cols, int nt, int t, int64_t* c0, int64_t* c1) {
+  const int64_t per = (cols + nt - 1) / nt;
+  const int64_t step = (per + 15) / 16 * 16;
+  *c0 = std::min(cols, t * step);
+  *c1 = std::min(cols, *c0 + step);
+}
+
+// The bias as fp32 (converted once per call, 2h values at most), or nullptr.
+template <typename T>
+const float* fp32_bias(const void* bias, int64_t n, std::vector<float>* copy) {
+  if (bias == nullptr) return nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    return static_cast<const float*>(bias);
+  } else {
+    copy->resize(n);
+    for (int64_t j = 0; j < n; ++j) (*copy)[j] = mlp::to_float(static_cast<const T*>(bias)[j]);
+    return copy->data();
+  }
+}
+
+template <typename T>
+void act_fwd_typed(const MlpActFwdArgs& a) {
+  const int64_t cols = is_gated(a.activation) ? 2 * a.h : a.h;
+  std::vector<float> bias_copy;
+  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols};
+  mlp::FwdColsFn fn = mlp::fwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
+#if FUSEDLM_X86
+  if (a.isa == Isa::Avx512) fn = mlp::avx512_fwd_cols<T>(a.activation);
+#endif
+  const int nt = threads_for(a.num_threads, a.rows * cols, a.h);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int t = 0; t < nt; ++t) {
+    int64_t c0, c1;
+    column_range(a.h, nt, t, &c0, &c1);
+    if (c0 < c1) fn(p, c0, c1);
+  }
+}
+
+template <typename T>
+void act_bwd_typed(const MlpActBwdArgs& a) {
+  const bool gated = is_gated(a.activation);
+  const int64_t cols = gated ? 2 * a.h : a.h;
+  std::vector<float> bias_copy;
+  const ActCols p{const_cast<void*>(a.pre), fp32_bias<T>(a.bias, cols, &bias_copy), a.dact_act, a.dpre, a.rows, a.h,
+                  cols};
+  mlp::BwdColsFn fn = mlp::bwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
+#if FUSEDLM_X86
+  if (a.isa == Isa::Avx512) fn = mlp::avx512_bwd_cols<T>(a.activation);
+#endif
+  const int nt = threads_for(a.num_threads, a.rows * cols, a.h);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int t = 0; t < nt; ++t) {
+    int64_t c0, c1;
+    column_range(a.h, nt, t, &c0, &c1);
+    if (c0 >= c1) continue;
+    const int64_t width = c1 - c0;
+    // This thread's column sums of d(pre): [a columns | b columns] for the gated activations.
+    std::vector<float> cs(a.dbias_acc != nullptr ? (gated ? 2 : 1) * width : 0, 0.0f);
+    fn(p, c0, c1, a.dbias_acc != nullptr ? cs.data() : nullptr);
+    if (a.dbias_acc == nullptr) continue;
+    for (int64_t j = 0; j < width; ++j) a.dbias_acc[c0 + j] += cs[j];
+    if (gated)
+      for (int64_t j = 0; j < width; ++j) a.dbias_acc[a.h + c0 + j] += cs[width + j];
+  }
+}
+
+template <typename T>
+void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int num_threads) {
+  const int nt = threads_for(num_threads, rows * cols, cols);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int t = 0; t < nt; ++t) {
+    int64_t c0, c1;
+    column_range(cols, nt, t, &c0, &c1);
+    if (c0 >= c1) continue;
+    std::vector<float> s(c1 - c0, 0.0f);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = x + i * cols;
+      for (int64_t j = c0; j < c1; ++j) s[j - c0] += mlp::to_float(row[j]);
+    }
+    for (int64_t j = c0; j < c1; ++j) acc[j] += s[j - c0];
+  }
+}
+
+// Both arrays cut into one list of fixed 4096-element chunks, spread over the threads.
+template <typename T>
+void add_to_fp32_typed(const T* x0, float* acc0, int64_t n0, const T* x1, float* acc1, int64_t n1, int num_threads) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
+  const int nt = (n0 + n1) < kMinParallelElems ? 1 : std::max(1, num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const bool first = c < c0;
+    const T* x = first ? x0 : x1;
+    float* acc = first ? acc0 : acc1;
+    const int64_t begin = (first ? c : c - c0) * kChunk, end = std::min(first ? n0 : n1, begin + kChunk);
+    for (int64_t i = begin; i < end; ++i) acc[i] += mlp::to_float(x[i]);
+  }
+}
+
+}  // namespace
+
+bool parse_activation(const char* name, Activation* out) {
+  static const struct {
+    const char* name;
+    Activation activation;
+  } kNames[] = {{"gelu", Activation::Gelu}, {"gelu_tanh", Activation::GeluTanh}, {"relu", Activation::Relu},
+                {"silu", Activation::Silu}, {"swiglu", Activation::Swiglu},       {"geglu", Activation::Geglu}};
+  for (const auto& n : kNames) {
+    if (std::strcmp(name, n.name) == 0) {
+      *out = n.activation;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Only fp32 and bf16 reach these (the binding rejects the rest: fp16 is kept off the CPU).
+void mlp_act_fwd(const MlpActFwdArgs& args) {
+  if (args.dtype == DType::BFloat16) return act_fwd_typed<bf16>(args);
+  act_fwd_typed<float>(args);
+}
+
+void mlp_act_bwd(const MlpActBwdArgs& args) {
+  if (args.dtype == DType::BFloat16) return act_bwd_typed<bf16>(args);
+  act_bwd_typed<float>(args);
+}
+
+void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads) {
+  if (dtype == DType::BFloat16) return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, num_threads);
+  column_sum_typed(static_cast<const float*>(x), rows, cols, acc, num_threads);
+}
+
+void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
+                 int num_threads) {
+  if (dtype == DType::BFloat16)
+    return add_to_fp32_typed(static_cast<const bf16*>(x0), acc0, n0, static_cast<const bf16*>(x1), acc1, n1,
+                             num_threads);
+  add_to_fp32_typed(static_cast<const float*>(x0), acc0, n0, static_cast<const float*>(x1), acc1, n1, num_threads);
+}
+
+}  // namespace cpu
+}  // namespace fusedlm

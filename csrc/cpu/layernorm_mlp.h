@@ -1,0 +1,75 @@
+// The element-wise passes of the CPU LayerNorm + feed-forward op, over raw pointers. No torch
+// headers: csrc/torch/layernorm_mlp.cpp runs the norm (the layer_norm row kernels), the GEMMs
+// (ATen) and these passes over one block of tokens at a time. The math is in
+// python/fusedlm/ops/layernorm_mlp.py.
+//
+// Element type fp32 or bf16 (bf16 carried as its bits); all math in fp32. Activations:
+//   gelu       f(u) = u Phi(u)                       f'(u) = Phi(u) + u phi(u)
+//   gelu_tanh  f(u) = u s, s = sigmoid(2 k (u + c u^3))     (= 0.5 u (1 + tanh(k (u + c u^3))))
+//              f'(u) = s + 2 k u s (1 - s) (1 + 3 c u^2),   k = sqrt(2 / pi), c = 0.044715
+//   relu       f(u) = max(u, 0)                      f'(u) = [u > 0]
+//   silu       f(u) = u s, s = sigmoid(u)            f'(u) = s (1 + u (1 - s))
+//   swiglu     act = silu(a) b, geglu act = gelu(a) b, u = [a | b] (gate a = columns [0, h),
+//              up b = columns [h, 2h)): da = g b f'(a), db = g f(a) for g = d(act).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/layer_norm.h"
+
+namespace fusedlm {
+namespace cpu {
+
+enum class Activation : int { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3, Swiglu = 4, Geglu = 5 };
+
+// The activation named `name` ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"); false
+// when the name is unknown.
+bool parse_activation(const char* name, Activation* out);
+constexpr bool is_gated(Activation a) { return a == Activation::Swiglu || a == Activation::Geglu; }
+
+// One block of rows after the fc GEMM. pre: (rows, fc_out) with fc_out = 2h when gated, else h;
+// act: (rows, h). Both row-major and contiguous.
+struct MlpActFwdArgs {
+  void* pre;           // in: fc(norm(x)) of the block; out: + bias (rounded to the element type)
+  const void* bias;    // (fc_out,) or nullptr: then pre is only read
+  void* act;           // out: act(pre)
+  int64_t rows;
+  int64_t h;
+  Activation activation;
+  DType dtype;         // Float32 or BFloat16
+  Isa isa;
+  int num_threads;
+};
+
+// The backward of the activation over one block, in one pass: reads pre and d(act), writes
+// d(pre) and the recomputed act (over d(act), which it no longer needs: the proj weight
+// gradient is d(y)^T act). Column sums of d(pre) (the fc bias gradient) are added in fp32 to
+// dbias_acc, each column by one thread in row order: the same bits for any thread count.
+struct MlpActBwdArgs {
+  const void* pre;     // (rows, fc_out)
+  const void* bias;    // (fc_out,) added to pre on the fly (pre recomputed without it), or nullptr
+  void* dact_act;      // (rows, h) in: d(act); out: act
+  void* dpre;          // (rows, fc_out) out
+  float* dbias_acc;    // (fc_out,) fp32, or nullptr
+  int64_t rows;
+  int64_t h;
+  Activation activation;
+  DType dtype;
+  Isa isa;
+  int num_threads;
+};
+
+void mlp_act_fwd(const MlpActFwdArgs& args);
+void mlp_act_bwd(const MlpActBwdArgs& args);
+
+// acc[j] += sum_i x[i, j] over a (rows, cols) block, in fp32, in row order per column (the proj
+// bias gradient, sum of d(y)); deterministic for any thread count.
+void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads);
+
+// acc0[i] += x0[i] (i < n0) and acc1[i] += x1[i] (i < n1), in fp32, in one parallel region: the
+// bf16 weight-gradient GEMM results of a token block added to their fp32 sums.
+void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
+                 int num_threads);
+
+}  // namespace cpu
+}  // namespace fusedlm

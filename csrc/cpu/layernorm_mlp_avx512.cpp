@@ -1,0 +1,133 @@
+// AVX-512 instances of the activation passes of layernorm_mlp (the loops and the math are in
+// layernorm_mlp_act.h): 16 columns per step in fp32, the last step masked, so any width works
+// without a scalar tail. Compiled for avx512f/bw/vl through a target pragma and called only
+// after the run-time CPU check (select_isa), so the library still runs on CPUs without it.
+//
+// exp: n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for an exact product), e^r by its
+// degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation 5e-9 relative), then scalef by 2^n,
+// which also gives 0 / inf past the fp32 range instead of garbage exponents.
+#include "cpu/layer_norm_rows.h"
+#include "cpu/layernorm_mlp.h"  // before the target pragma: no header code is compiled for AVX-512
+
+#if FUSEDLM_X86
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+// GCC 12 reports its own intrinsics' `__Y = __Y` placeholders as uninitialised once inlined
+// (GCC bug 105593, fixed in 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define FUSEDLM_INLINE inline __attribute__((always_inline))
+
+namespace fusedlm {
+namespace cpu {
+namespace mlp {
+namespace {
+
+using rows::bf16;
+
+FUSEDLM_INLINE __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.8f));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+FUSEDLM_INLINE __m512 vabs(__m512 x) { return _mm512_abs_ps(x); }
+FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }
+FUSEDLM_INLINE __m512 vstep(__m512 x) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+}
+FUSEDLM_INLINE __m512 vsign_of(__m512 u, __m512 v) {
+  return _mm512_mask_sub_ps(v, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), v);
+}
+
+FUSEDLM_INLINE __m512 bf16_bits_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+// Round to nearest even as torch does (bits + 0x7fff + lsb; nan -> 0x7fc0).
+FUSEDLM_INLINE __m256i ps_to_bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, lsb), _mm512_set1_epi32(0x7fff)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+struct Avx512Isa {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int W = 16;
+  static FUSEDLM_INLINE Mask mask(int64_t left) { return left >= 16 ? Mask(0xffff) : Mask((1u << left) - 1u); }
+  static FUSEDLM_INLINE V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static FUSEDLM_INLINE V load(const bf16* p, Mask m) { return bf16_bits_to_ps(_mm256_maskz_loadu_epi16(m, p)); }
+  static FUSEDLM_INLINE V loadf(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static FUSEDLM_INLINE V store(float* p, V v, Mask m) {
+    _mm512_mask_storeu_ps(p, m, v);
+    return v;
+  }
+  static FUSEDLM_INLINE V store(bf16* p, V v, Mask m) {
+    const __m256i bits = ps_to_bf16_bits(v);
+    _mm256_mask_storeu_epi16(p, m, bits);
+    return bf16_bits_to_ps(bits);
+  }
+  static FUSEDLM_INLINE V round(const float*, V v) { return v; }
+  static FUSEDLM_INLINE V round(const bf16*, V v) { return bf16_bits_to_ps(ps_to_bf16_bits(v)); }
+  static FUSEDLM_INLINE void add_to(float* p, V v, Mask m) {
+    _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v));
+  }
+};
+
+}  // namespace
+}  // namespace mlp
+}  // namespace cpu
+}  // namespace fusedlm
+
+#include "cpu/layernorm_mlp_act.h"
+
+namespace fusedlm {
+namespace cpu {
+namespace mlp {
+
+// Entry points for layernorm_mlp.cpp (declared there).
+template <typename T>
+FwdColsFn avx512_fwd_cols(Activation a) {
+  return fwd_cols_fn<Avx512Isa, T>(a);
+}
+template <typename T>
+BwdColsFn avx512_bwd_cols(Activation a) {
+  return bwd_cols_fn<Avx512Isa, T>(a);
+}
+template FwdColsFn avx512_fwd_cols<float>(Activation);
+template FwdColsFn avx512_fwd_cols<bf16>(Activation);
+template BwdColsFn avx512_bwd_cols<float>(Activation);
+template BwdColsFn avx512_bwd_cols<bf16>(Activation);
+
+}  // namespace mlp
+}  // namespace cpu
+}  // namespace fusedlm
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#endif  // FUSEDLM_X86

@@ -1,0 +1,292 @@
+// The fusedlm::layernorm_mlp_fwd / layernorm_mlp_bwd schemas (the CUDA impl in
+// layernorm_mlp_cuda.cpp registers against these) and their CPU implementations. The op
+// contract and the math are in python/fusedlm/ops/layernorm_mlp.py.
+//
+// Token blocks. The rows are processed in blocks of `token_block` rows; per block the forward
+// runs the norm (the layer_norm row kernels) into a (block, d) buffer, the fc GEMM into pre_act
+// (or a block buffer when recompute), the bias + activation pass into a (block, h) buffer, and
+// the proj GEMM accumulating into y = x + proj_bias. Neither the normalised x nor the
+// activation output ever exists for all rows; the (block, h) intermediates are written by one
+// GEMM and read by the next while they are still in the last-level cache. The backward, per
+// block: the norm again, (the fc GEMM again when recompute), d(act) = dy proj_w, the
+// activation-derivative pass (d(pre) and act), the two weight-gradient GEMMs accumulating in
+// fp32 across blocks, d(xn) = d(pre) fc_w, and the layer_norm backward row kernel with the
+// residual's dy added. Weight gradients: fp32 inputs accumulate straight into fp32 with the
+// GEMM (addmm_, beta = 1); bf16 ones through a bf16 GEMM per block (fp32 accumulation inside
+// it, as ATen's bf16 matmul) whose result is added to the fp32 sum. All of it runs in a fixed
+// order: the gradients have the same bits on every run.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "checks.h"
+#include "cpu/layer_norm.h"
+#include "cpu/layernorm_mlp.h"
+#include "layernorm_mlp_args.h"
+
+namespace {
+
+using at::Tensor;
+namespace cpu = fusedlm::cpu;
+namespace lm = fusedlm::layernorm_mlp;
+
+// Target bytes of one (block, fc_out) intermediate. Measured at 4096 x 768 x 3072 on the 2-core
+// development CPU (32 MiB L3, 1 MiB L2 per core), forward+backward over the six GEMMs alone, while
+// other processes kept the load average at 7-10:
+//   one thread:   fp32 512 rows 1.03x, 1024 1.05x, 2048 1.14x, one block 1.10x;
+//                 bf16 512 1.06x, 1024 1.06x, 2048 1.04x, one block 1.08x
+//   two threads:  fp32 512 1.47x, 1024 1.24x, 2048 1.14x, one block 1.08x;
+//                 bf16 512 2.28x, 1024 1.67x, 2048 1.34x, one block 1.27x
+// One thread shows the cache at work (blocks of 512-2048 rows beat one block); with two threads
+// on a loaded machine every parallel region (each GEMM, pass and norm call: about ten per block)
+// waits for a descheduled thread, so fewer, larger blocks win. 12 MiB (fp32: 1024 rows, bf16:
+// 2048 at h = 3072) is the compromise.
+constexpr int64_t kBlockBytes = int64_t(12) << 20;
+
+// Rows per token block: about kBlockBytes of (block, fc_out) intermediate, 64-row multiples in
+// [128, 2048]; one block when that leaves less than half a block over. FUSEDLM_LNMLP_BLOCK_ROWS
+// (read on every call) forces a block height, so that tests cover many blocks with few rows.
+int64_t token_block(int64_t m, int64_t fc_out, int64_t elem_bytes) {
+  const char* force = std::getenv("FUSEDLM_LNMLP_BLOCK_ROWS");
+  if (force != nullptr && std::atoll(force) > 0) return std::max<int64_t>(1, std::min<int64_t>(m, std::atoll(force)));
+  int64_t rows = kBlockBytes / std::max<int64_t>(1, fc_out * elem_bytes);
+  rows = std::min<int64_t>(2048, std::max<int64_t>(128, rows / 64 * 64));
+  return m <= rows + rows / 2 ? std::max<int64_t>(m, 1) : rows;
+}
+
+cpu::Isa kernel_isa(const char* op) {
+  cpu::Isa isa;
+  const char* error = nullptr;
+  TORCH_CHECK(cpu::select_isa(&isa, &error), op, ": ", error);
+  return isa;
+}
+
+cpu::DType cpu_dtype(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16 on the CPU, got ", x.scalar_type());
+  return x.scalar_type() == at::kFloat ? cpu::DType::Float32 : cpu::DType::BFloat16;
+}
+
+const void* ptr_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+// Row r of a contiguous (M, n) tensor.
+void* row_ptr(const Tensor& t, int64_t r) {
+  return static_cast<char*>(t.data_ptr()) + r * t.size(1) * int64_t(t.element_size());
+}
+
+// The norm of rows [r0, r0 + rows) of x into xn (block rows), statistics into mean/rstd + r0.
+void norm_rows(const Tensor& x, int64_t r0, int64_t rows, const Tensor& norm_weight,
+               const std::optional<Tensor>& norm_bias, const Tensor& xn, float* mean, float* rstd, double eps,
+               bool rms, cpu::DType dtype, cpu::Isa isa) {
+  cpu::LayerNormFwdArgs a{};
+  a.x = row_ptr(x, r0);
+  a.residual = nullptr;
+  a.weight = norm_weight.data_ptr();
+  a.bias = ptr_or_null(norm_bias);
+  a.y = xn.data_ptr();
+  a.h = nullptr;
+  a.mean = rms ? nullptr : mean;
+  a.rstd = rstd;
+  a.rows = rows;
+  a.cols = x.size(1);
+  a.eps = static_cast<float>(eps);
+  a.rms = rms;
+  a.dtype = dtype;
+  a.isa = isa;
+  a.num_threads = at::get_num_threads();
+  cpu::layer_norm_fwd(a);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
+    const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias, const Tensor& fc_weight,
+    const std::optional<Tensor>& fc_bias, const Tensor& proj_weight, const std::optional<Tensor>& proj_bias,
+    double eps, bool rms, c10::string_view activation_name, bool residual, bool recompute) {
+  constexpr const char* op = "layernorm_mlp_fwd";
+  const std::string activation(activation_name.data(), activation_name.size());
+  const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
+                                         rms, activation, at::kCPU);
+  const cpu::DType dtype = cpu_dtype(op, x);
+  const cpu::Isa isa = kernel_isa(op);
+  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({m, d}, x.options());
+  Tensor mean = at::empty({rms ? 0 : m}, f32);
+  Tensor rstd = at::empty({m}, f32);
+  Tensor pre_act = at::empty(recompute ? at::IntArrayRef{0} : at::IntArrayRef{m, fc_out}, x.options());
+
+  const int64_t block = token_block(m, fc_out, x.element_size());
+  Tensor xn = at::empty({block, d}, x.options());
+  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
+  Tensor act = at::empty({block, h}, x.options());
+  const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
+  // y = (x) (+ proj_bias), initialised for all rows in one pass (one parallel region rather than
+  // one per block), then every block's proj GEMM accumulates into its rows.
+  const bool accumulate_y = residual || proj_bias.has_value();
+  if (residual && proj_bias.has_value()) {
+    at::add_out(y, x, *proj_bias);
+  } else if (residual) {
+    y.copy_(x);
+  } else if (proj_bias.has_value()) {
+    y.copy_(proj_bias->expand({m, d}));
+  }
+
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t rows = std::min(block, m - r0);
+    norm_rows(x, r0, rows, norm_weight, norm_bias, xn, rms ? nullptr : mean.data_ptr<float>() + r0,
+              rstd.data_ptr<float>() + r0, eps, rms, dtype, isa);
+    const Tensor xn_b = xn.narrow(0, 0, rows);
+    Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
+    at::mm_out(pre_b, xn_b, fc_wt);
+    cpu::MlpActFwdArgs aa{};
+    aa.pre = pre_b.data_ptr();
+    aa.bias = ptr_or_null(fc_bias);
+    aa.act = act.data_ptr();
+    aa.rows = rows;
+    aa.h = h;
+    aa.activation = static_cast<cpu::Activation>(dims.activation);
+    aa.dtype = dtype;
+    aa.isa = isa;
+    aa.num_threads = at::get_num_threads();
+    cpu::mlp_act_fwd(aa);
+    Tensor y_b = y.narrow(0, r0, rows);
+    const Tensor act_b = act.narrow(0, 0, rows);
+    if (accumulate_y) {
+      y_b.addmm_(act_b, proj_wt);
+    } else {
+      at::mm_out(y_b, act_b, proj_wt);
+    }
+  }
+  return {y, mean, rstd, pre_act};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cpu(
+    const Tensor& dy, const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias,
+    const Tensor& fc_weight, const std::optional<Tensor>& fc_bias, const Tensor& proj_weight,
+    const std::optional<Tensor>& proj_bias, const Tensor& mean, const Tensor& rstd, const Tensor& pre_act, double eps,
+    bool rms, c10::string_view activation_name, bool residual) {
+  constexpr const char* op = "layernorm_mlp_bwd";
+  const std::string activation(activation_name.data(), activation_name.size());
+  const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
+                                         rms, activation, at::kCPU);
+  const bool recompute = lm::check_saved(op, dims, x, dy, mean, rstd, pre_act, rms);
+  const cpu::DType dtype = cpu_dtype(op, x);
+  const cpu::Isa isa = kernel_isa(op);
+  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
+  const bool bf16 = dtype == cpu::DType::BFloat16;
+  const int nt = at::get_num_threads();
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dx = at::empty({m, d}, x.options());
+  Tensor dnorm_w = at::zeros({d}, f32);
+  Tensor dnorm_b = at::zeros({norm_bias.has_value() ? d : 0}, f32);
+  Tensor dfc_w = at::zeros({fc_out, d}, f32);
+  Tensor dfc_b = at::zeros({fc_bias.has_value() ? fc_out : 0}, f32);
+  Tensor dproj_w = at::zeros({d, h}, f32);
+  Tensor dproj_b = at::zeros({proj_bias.has_value() ? d : 0}, f32);
+
+  const int64_t block = token_block(m, fc_out, x.element_size());
+  Tensor xn = at::empty({block, d}, x.options());  // the normalised x, then d(xn)
+  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
+  Tensor dact = at::empty({block, h}, x.options());  // d(act), then act
+  Tensor dpre = at::empty({block, fc_out}, x.options());
+  Tensor stats = at::empty({2 * block}, f32);  // the recomputed statistics (equal to the saved ones)
+  Tensor ln_ws = at::empty({cpu::layer_norm_bwd_workspace_floats(block, d)}, f32);
+  Tensor fc_scratch = bf16 ? at::empty({fc_out, d}, x.options()) : Tensor();
+  Tensor proj_scratch = bf16 ? at::empty({d, h}, x.options()) : Tensor();
+
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t rows = std::min(block, m - r0);
+    norm_rows(x, r0, rows, norm_weight, norm_bias, xn, stats.data_ptr<float>(), stats.data_ptr<float>() + block, eps,
+              rms, dtype, isa);
+    const Tensor xn_b = xn.narrow(0, 0, rows);
+    Tensor pre_b;
+    if (recompute) {
+      pre_b = pre_buf.narrow(0, 0, rows);
+      at::mm_out(pre_b, xn_b, fc_weight.t());
+    } else {
+      pre_b = pre_act.narrow(0, r0, rows);
+    }
+    const Tensor dy_b = dy.narrow(0, r0, rows);
+    Tensor dact_b = dact.narrow(0, 0, rows);
+    Tensor dpre_b = dpre.narrow(0, 0, rows);
+    at::mm_out(dact_b, dy_b, proj_weight);
+
+    cpu::MlpActBwdArgs ab{};
+    ab.pre = pre_b.data_ptr();
+    ab.bias = recompute ? ptr_or_null(fc_bias) : nullptr;
+    ab.dact_act = dact_b.data_ptr();
+    ab.dpre = dpre_b.data_ptr();
+    ab.dbias_acc = fc_bias.has_value() ? dfc_b.data_ptr<float>() : nullptr;
+    ab.rows = rows;
+    ab.h = h;
+    ab.activation = static_cast<cpu::Activation>(dims.activation);
+    ab.dtype = dtype;
+    ab.isa = isa;
+    ab.num_threads = nt;
+    cpu::mlp_act_bwd(ab);
+
+    // dproj_w += dy^T act, dfc_w += d(pre)^T xn: fp32 straight into the sums; bf16 through a
+    // bf16 GEMM each (fp32 accumulation inside), both added to the sums in one pass.
+    if (bf16) {
+      at::mm_out(proj_scratch, dy_b.t(), dact_b);
+      at::mm_out(fc_scratch, dpre_b.t(), xn_b);
+      cpu::add_to_fp32(proj_scratch.data_ptr(), dproj_w.data_ptr<float>(), d * h, fc_scratch.data_ptr(),
+                       dfc_w.data_ptr<float>(), fc_out * d, dtype, nt);
+    } else {
+      dproj_w.addmm_(dy_b.t(), dact_b);
+      dfc_w.addmm_(dpre_b.t(), xn_b);
+    }
+    Tensor dxn_b = xn.narrow(0, 0, rows);
+    at::mm_out(dxn_b, dpre_b, fc_weight);                      // d(xn) = d(pre) fc_w
+
+    cpu::LayerNormBwdArgs lb{};
+    lb.dy = dxn_b.data_ptr();
+    lb.dh = residual ? dy_b.data_ptr() : nullptr;
+    lb.h = row_ptr(x, r0);
+    lb.weight = norm_weight.data_ptr();
+    lb.mean = rms ? nullptr : mean.data_ptr<float>() + r0;
+    lb.rstd = rstd.data_ptr<float>() + r0;
+    lb.dx = row_ptr(dx, r0);
+    lb.dweight = nullptr;
+    lb.dbias = nullptr;
+    lb.dweight_acc = dnorm_w.data_ptr<float>();
+    lb.dbias_acc = norm_bias.has_value() ? dnorm_b.data_ptr<float>() : nullptr;
+    lb.workspace = ln_ws.data_ptr<float>();
+    lb.rows = rows;
+    lb.cols = d;
+    lb.rms = rms;
+    lb.dtype = dtype;
+    lb.isa = isa;
+    lb.num_threads = nt;
+    cpu::layer_norm_bwd(lb);
+  }
+  if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), nt);
+  const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
+  return {dx, out(dnorm_w), out(dnorm_b), out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedlm, m) {
+  m.def(
+      "layernorm_mlp_fwd(Tensor x, Tensor norm_weight, Tensor? norm_bias, Tensor fc_weight, Tensor? fc_bias, "
+      "Tensor proj_weight, Tensor? proj_bias, float eps, bool rms, str activation, bool residual, bool recompute) "
+      "-> (Tensor y, Tensor mean, Tensor rstd, Tensor pre_act)");
+  m.def(
+      "layernorm_mlp_bwd(Tensor dy, Tensor x, Tensor norm_weight, Tensor? norm_bias, Tensor fc_weight, "
+      "Tensor? fc_bias, Tensor proj_weight, Tensor? proj_bias, Tensor mean, Tensor rstd, Tensor pre_act, float eps, "
+      "bool rms, str activation, bool residual) -> (Tensor dx, Tensor dnorm_weight, Tensor dnorm_bias, "
+      "Tensor dfc_weight, Tensor dfc_bias, Tensor dproj_weight, Tensor dproj_bias)");
+}
+
+TORCH_LIBRARY_IMPL(fusedlm, CPU, m) {
+  m.impl("layernorm_mlp_fwd", &layernorm_mlp_fwd_cpu);
+  m.impl("layernorm_mlp_bwd", &layernorm_mlp_bwd_cpu);
+}

@@ -1,0 +1,90 @@
+// Argument checks of fusedlm::layernorm_mlp_fwd / _bwd, shared by the CPU binding
+// (layernorm_mlp.cpp) and the CUDA one (layernorm_mlp_cuda.cpp). The op contract is in
+// python/fusedlm/ops/layernorm_mlp.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "checks.h"
+
+namespace fusedlm {
+namespace layernorm_mlp {
+
+// Activation names in the order of the kernels' Activation enums (csrc/cpu/layernorm_mlp.h,
+// csrc/cuda/layernorm_mlp.h), which cast the index.
+constexpr const char* kActivations[] = {"gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"};
+constexpr int kNumActivations = 6;
+constexpr bool gated_index(int a) { return a == 4 || a == 5; }
+
+struct Dims {
+  int64_t m, d, fc_out, h;
+  int activation;  // index into kActivations
+  bool gated;
+};
+
+inline int activation_index(const char* op, const std::string& activation) {
+  for (int i = 0; i < kNumActivations; ++i)
+    if (activation == kActivations[i]) return i;
+  TORCH_CHECK(false, op, ": activation must be one of gelu, gelu_tanh, relu, silu, swiglu, geglu, got '", activation,
+              "'");
+}
+
+// x (M, d) on a `device_type` device, and every parameter against it; returns the dimensions.
+inline Dims check_params(const char* op, const at::Tensor& x, const at::Tensor& norm_weight,
+                         const std::optional<at::Tensor>& norm_bias, const at::Tensor& fc_weight,
+                         const std::optional<at::Tensor>& fc_bias, const at::Tensor& proj_weight,
+                         const std::optional<at::Tensor>& proj_bias, double eps, bool rms,
+                         const std::string& activation, at::DeviceType device_type) {
+  using checks::check_arg;
+  using checks::shape_str;
+  checks::check_matrix(op, "x", x, device_type);
+  Dims dims{};
+  dims.m = x.size(0);
+  dims.d = x.size(1);
+  dims.activation = activation_index(op, activation);
+  dims.gated = gated_index(dims.activation);
+  const at::Device device = x.device();
+  const at::ScalarType dtype = x.scalar_type();
+  check_arg(op, "x", x, device, x.sizes(), dtype, "");
+  check_arg(op, "norm_weight", norm_weight, device, {dims.d}, dtype, " (the columns of x)");
+  if (norm_bias.has_value()) {
+    TORCH_CHECK(!rms, op, ": rmsnorm takes no norm_bias, got one of shape ", shape_str(norm_bias->sizes()));
+    check_arg(op, "norm_bias", *norm_bias, device, {dims.d}, dtype, " (the columns of x)");
+  }
+  TORCH_CHECK(fc_weight.dim() == 2 && fc_weight.size(1) == dims.d, op, ": fc_weight must have shape (h, ",
+              std::to_string(dims.d), "), got ", shape_str(fc_weight.sizes()));
+  dims.fc_out = fc_weight.size(0);
+  TORCH_CHECK(!dims.gated || dims.fc_out % 2 == 0, op, ": a gated activation (", activation,
+              ") needs fc_weight of height 2h, got odd height ", std::to_string(dims.fc_out));
+  dims.h = dims.gated ? dims.fc_out / 2 : dims.fc_out;
+  TORCH_CHECK(dims.h > 0, op, ": fc_weight must have at least one row, got shape ", shape_str(fc_weight.sizes()));
+  check_arg(op, "fc_weight", fc_weight, device, fc_weight.sizes(), dtype, "");
+  if (fc_bias.has_value()) check_arg(op, "fc_bias", *fc_bias, device, {dims.fc_out}, dtype, " (the height of fc_weight)");
+  check_arg(op, "proj_weight", proj_weight, device, {dims.d, dims.h}, dtype, " (d, h)");
+  if (proj_bias.has_value()) check_arg(op, "proj_bias", *proj_bias, device, {dims.d}, dtype, " (d,)");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", std::to_string(eps));
+  return dims;
+}
+
+// The tensors the backward adds to the forward's inputs: dy (M, d), the statistics, pre_act.
+// Returns true when pre_act has shape (0,): recompute it.
+inline bool check_saved(const char* op, const Dims& dims, const at::Tensor& x, const at::Tensor& dy,
+                        const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pre_act, bool rms) {
+  using checks::check_arg;
+  const at::Device device = x.device();
+  check_arg(op, "dy", dy, device, x.sizes(), x.scalar_type(), " (the shape of x)");
+  check_arg(op, "mean", mean, device, {rms ? 0 : dims.m}, at::kFloat, rms ? " (rmsnorm)" : " (the rows of x)");
+  check_arg(op, "rstd", rstd, device, {dims.m}, at::kFloat, " (the rows of x)");
+  const bool recompute = pre_act.dim() == 1 && pre_act.size(0) == 0;
+  if (!recompute) {
+    check_arg(op, "pre_act", pre_act, device, {dims.m, dims.fc_out}, x.scalar_type(),
+              " (rows of x, height of fc_weight), or (0,) to recompute it");
+  }
+  return recompute;
+}
+
+}  // namespace layernorm_mlp
+}  // namespace fusedlm

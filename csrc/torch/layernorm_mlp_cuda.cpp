@@ -1,0 +1,226 @@
+// CUDA implementations of fusedlm::layernorm_mlp_fwd / layernorm_mlp_bwd (schemas:
+// layernorm_mlp.cpp; contract and math: python/fusedlm/ops/layernorm_mlp.py). The scheme of the
+// CPU op over token blocks: the norm with the layer_norm CUDA kernels, the GEMMs with cuBLAS
+// through ATen (at::mm_out / addmm_ into block views), and the element-wise kernels of
+// csrc/cuda/layernorm_mlp.cu (bias + activation forward; activation derivative with
+// deterministic fc-bias partial sums backward). Blocks are large here (about 64 MiB of
+// (block, fc_out) intermediate): they bound the memory, not a cache.
+//
+// Backward: the d(xn) of every block is kept in one (M, d) buffer and the layer_norm backward
+// runs once over all rows at the end, so the norm's weight gradients come out of its own
+// deterministic fp32 reduction. Weight gradients of the GEMMs accumulate in fp32 across blocks:
+// fp32 inputs with addmm_; bf16 / fp16 through cuBLAS with fp32 output where ATen has it
+// (addmm's out_dtype, torch >= 2.9), else a GEMM per block in the input dtype added to the sum.
+//
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cuBLAS headers, which a CUDA
+// toolkit without the math libraries lacks.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda/layer_norm.h"
+#include "cuda/layernorm_mlp.h"
+#include "layernorm_mlp_args.h"
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define FUSEDLM_ADDMM_OUT_DTYPE 1
+#else
+#define FUSEDLM_ADDMM_OUT_DTYPE 0
+#endif
+
+namespace {
+
+using at::Tensor;
+namespace kernels = fusedlm::cuda;
+namespace lm = fusedlm::layernorm_mlp;
+using fusedlm::checks::kernel_dtype;
+
+constexpr int64_t kBlockBytes = int64_t(64) << 20;
+
+// Rows per token block (see the top); FUSEDLM_LNMLP_BLOCK_ROWS forces one, as on the CPU.
+int64_t token_block(int64_t m, int64_t fc_out, int64_t elem_bytes) {
+  const char* force = std::getenv("FUSEDLM_LNMLP_BLOCK_ROWS");
+  if (force != nullptr && std::atoll(force) > 0) return std::max<int64_t>(1, std::min<int64_t>(m, std::atoll(force)));
+  int64_t rows = kBlockBytes / std::max<int64_t>(1, fc_out * elem_bytes);
+  rows = std::min<int64_t>(16384, std::max<int64_t>(1024, rows / 256 * 256));
+  return m <= rows + rows / 2 ? std::max<int64_t>(m, 1) : rows;
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+const void* ptr_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+void* row_ptr(const Tensor& t, int64_t r) {
+  return static_cast<char*>(t.data_ptr()) + r * t.size(1) * int64_t(t.element_size());
+}
+
+void norm_rows(const char* op, const Tensor& x, int64_t r0, int64_t rows, const Tensor& norm_weight,
+               const std::optional<Tensor>& norm_bias, const Tensor& xn, float* mean, float* rstd, double eps,
+               bool rms, kernels::DType dtype, cudaStream_t stream) {
+  check_launch(op, kernels::layer_norm_fwd(dtype, row_ptr(x, r0), nullptr, norm_weight.data_ptr(),
+                                           ptr_or_null(norm_bias), xn.data_ptr(), nullptr, rms ? nullptr : mean, rstd,
+                                           rows, x.size(1), static_cast<float>(eps), rms, stream));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cuda(
+    const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias, const Tensor& fc_weight,
+    const std::optional<Tensor>& fc_bias, const Tensor& proj_weight, const std::optional<Tensor>& proj_bias,
+    double eps, bool rms, c10::string_view activation_name, bool residual, bool recompute) {
+  constexpr const char* op = "layernorm_mlp_fwd";
+  const std::string activation(activation_name.data(), activation_name.size());
+  const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
+                                         rms, activation, at::kCUDA);
+  const kernels::DType dtype = kernel_dtype<kernels::DType>(op, "x", x);
+  const kernels::Activation act_kind = static_cast<kernels::Activation>(dims.activation);
+  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({m, d}, x.options());
+  Tensor mean = at::empty({rms ? 0 : m}, f32);
+  Tensor rstd = at::empty({m}, f32);
+  Tensor pre_act = at::empty(recompute ? at::IntArrayRef{0} : at::IntArrayRef{m, fc_out}, x.options());
+  const int64_t block = token_block(m, fc_out, x.element_size());
+  Tensor xn = at::empty({block, d}, x.options());
+  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
+  Tensor act = at::empty({block, h}, x.options());
+  const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
+
+  const bool accumulate_y = residual || proj_bias.has_value();
+  if (residual && proj_bias.has_value()) {
+    at::add_out(y, x, *proj_bias);
+  } else if (residual) {
+    y.copy_(x);
+  } else if (proj_bias.has_value()) {
+    y.copy_(proj_bias->expand({m, d}));
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t rows = std::min(block, m - r0);
+    norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, rms ? nullptr : mean.data_ptr<float>() + r0,
+              rstd.data_ptr<float>() + r0, eps, rms, dtype, stream);
+    Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
+    at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
+    check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), ptr_or_null(fc_bias), act.data_ptr(),
+                                          rows, h, stream));
+    Tensor y_b = y.narrow(0, r0, rows);
+    if (accumulate_y) {
+      y_b.addmm_(act.narrow(0, 0, rows), proj_wt);
+    } else {
+      at::mm_out(y_b, act.narrow(0, 0, rows), proj_wt);
+    }
+  }
+  return {y, mean, rstd, pre_act};
+}
+
+// acc (fp32) += a b with fp32 accumulation across calls (see the top).
+void gemm_accumulate(Tensor& acc, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+    return;
+  }
+#if FUSEDLM_ADDMM_OUT_DTYPE
+  at::addmm_out(acc, acc, a, b, at::kFloat);
+#else
+  acc.add_(at::mm(a, b));
+#endif
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cuda(
+    const Tensor& dy, const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias,
+    const Tensor& fc_weight, const std::optional<Tensor>& fc_bias, const Tensor& proj_weight,
+    const std::optional<Tensor>& proj_bias, const Tensor& mean, const Tensor& rstd, const Tensor& pre_act, double eps,
+    bool rms, c10::string_view activation_name, bool residual) {
+  constexpr const char* op = "layernorm_mlp_bwd";
+  const std::string activation(activation_name.data(), activation_name.size());
+  const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
+                                         rms, activation, at::kCUDA);
+  const bool recompute = lm::check_saved(op, dims, x, dy, mean, rstd, pre_act, rms);
+  const kernels::DType dtype = kernel_dtype<kernels::DType>(op, "x", x);
+  const kernels::Activation act_kind = static_cast<kernels::Activation>(dims.activation);
+  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dx = at::empty({m, d}, x.options());
+  Tensor dnorm_w = at::empty({d}, x.options());
+  Tensor dnorm_b = at::empty({norm_bias.has_value() ? d : 0}, x.options());
+  Tensor dfc_w = at::zeros({fc_out, d}, f32);
+  Tensor dfc_b = at::zeros({fc_bias.has_value() ? fc_out : 0}, f32);
+  Tensor dproj_w = at::zeros({d, h}, f32);
+  Tensor dproj_b = at::zeros({proj_bias.has_value() ? d : 0}, f32);
+
+  const int64_t block = token_block(m, fc_out, x.element_size());
+  Tensor xn = at::empty({block, d}, x.options());
+  Tensor dxn = at::empty({m, d}, x.options());  // every block's d(xn), for one norm backward at the end
+  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
+  Tensor dact = at::empty({block, h}, x.options());  // d(act), then act
+  Tensor dpre = at::empty({block, fc_out}, x.options());
+  Tensor stats = at::empty({2 * block}, f32);
+  const int64_t partial_cols = std::max(fc_out, d);
+  Tensor partial = at::empty({kernels::sum_chunks(std::max(block, m)) * partial_cols}, f32);
+
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t rows = std::min(block, m - r0);
+    norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, stats.data_ptr<float>(), stats.data_ptr<float>() + block,
+              eps, rms, dtype, stream);
+    const Tensor xn_b = xn.narrow(0, 0, rows);
+    Tensor pre_b;
+    if (recompute) {
+      pre_b = pre_buf.narrow(0, 0, rows);
+      at::mm_out(pre_b, xn_b, fc_weight.t());
+    } else {
+      pre_b = pre_act.narrow(0, r0, rows);
+    }
+    const Tensor dy_b = dy.narrow(0, r0, rows);
+    Tensor dact_b = dact.narrow(0, 0, rows);
+    Tensor dpre_b = dpre.narrow(0, 0, rows);
+    at::mm_out(dact_b, dy_b, proj_weight);
+    float* fc_partial = fc_bias.has_value() ? partial.data_ptr<float>() : nullptr;
+    check_launch(op, kernels::mlp_act_bwd(dtype, act_kind, pre_b.data_ptr(), recompute ? ptr_or_null(fc_bias) : nullptr,
+                                          dact_b.data_ptr(), dpre_b.data_ptr(), fc_partial, rows, h, stream));
+    if (fc_bias.has_value()) {
+      check_launch(op, kernels::reduce_partials(fc_partial, kernels::sum_chunks(rows), fc_out,
+                                                dfc_b.data_ptr<float>(), stream));
+    }
+    gemm_accumulate(dproj_w, dy_b.t(), dact_b);   // dproj_w += dy^T act
+    gemm_accumulate(dfc_w, dpre_b.t(), xn_b);     // dfc_w += d(pre)^T xn
+    Tensor dxn_b = dxn.narrow(0, r0, rows);
+    at::mm_out(dxn_b, dpre_b, fc_weight);         // d(xn) = d(pre) fc_w
+  }
+
+  const int64_t ws_floats = kernels::layer_norm_bwd_workspace_floats(m, d, norm_bias.has_value());
+  Tensor ws = at::empty({ws_floats}, f32);
+  check_launch(op, kernels::layer_norm_bwd(dtype, dxn.data_ptr(), residual ? dy.data_ptr() : nullptr, x.data_ptr(),
+                                           norm_weight.data_ptr(), rms ? nullptr : mean.data_ptr<float>(),
+                                           rstd.data_ptr<float>(), dx.data_ptr(), dnorm_w.data_ptr(),
+                                           norm_bias.has_value() ? dnorm_b.data_ptr() : nullptr,
+                                           ws.data_ptr<float>(), ws_floats, m, d, rms, stream));
+  if (proj_bias.has_value()) {
+    check_launch(op, kernels::column_sum_partials(dtype, dy.data_ptr(), partial.data_ptr<float>(), m, d, stream));
+    check_launch(op, kernels::reduce_partials(partial.data_ptr<float>(), kernels::sum_chunks(m), d,
+                                              dproj_b.data_ptr<float>(), stream));
+  }
+  const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
+  return {dx, dnorm_w, dnorm_b, out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedlm, CUDA, m) {
+  m.impl("layernorm_mlp_fwd", &layernorm_mlp_fwd_cuda);
+  m.impl("layernorm_mlp_bwd", &layernorm_mlp_bwd_cuda);
+}

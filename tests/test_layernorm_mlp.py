@@ -1,0 +1,294 @@
+"""fusedlm.layernorm_mlp on every kernel backend against the float64 reference (error-budget rule)."""
+import itertools
+
+import pytest
+import torch
+
+import fusedlm
+from fusedlm import dispatch, reference
+from harness import ATOL, HAS_GPU, assert_within_budget, backend_device, backend_params
+
+ACTIVATIONS = reference.ACTIVATIONS
+GATED = reference.GATED_ACTIVATIONS
+GRAD_NAMES = ("dx", "dnorm_weight", "dnorm_bias", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias")
+
+
+def _require_cpu_kernel():
+    if not dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CPU"):
+        pytest.fail("fusedlm._C is not built: the cpu backend is missing")
+
+
+def _inputs(shape, h, dtype, device, *, activation, norm_bias, fc_bias, proj_bias):
+    """x of `shape` (..., d) and the parameters, in float64 rounded once to `dtype`."""
+    d = shape[-1]
+    fc_out = 2 * h if activation in GATED else h
+    t = {
+        "x": torch.randn(shape, dtype=torch.float64),
+        "norm_weight": 1 + 0.5 * torch.randn(d, dtype=torch.float64),
+        "norm_bias": 0.5 * torch.randn(d, dtype=torch.float64) if norm_bias else None,
+        "fc_weight": torch.randn(fc_out, d, dtype=torch.float64) / d ** 0.5,
+        "fc_bias": 0.5 * torch.randn(fc_out, dtype=torch.float64) if fc_bias else None,
+        "proj_weight": torch.randn(d, h, dtype=torch.float64) / h ** 0.5,
+        "proj_bias": 0.5 * torch.randn(d, dtype=torch.float64) if proj_bias else None,
+    }
+    return {k: v.to(device=device, dtype=dtype) if v is not None else None for k, v in t.items()}
+
+
+def _run(fn, tensors, gy, **kw):
+    """y and the gradients of (y * gy).sum() for every tensor present (None for absent ones)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in tensors.items()}
+    y = fn(*leaves.values(), **kw)
+    present = [v for v in leaves.values() if v is not None]
+    grads = iter(torch.autograd.grad((y.double() * gy).sum(), present))
+    return y, [next(grads) if v is not None else None for v in leaves.values()]
+
+
+def _check(backend, shape, h, dtype, *, norm="layernorm", activation="gelu_tanh", bias=True, residual=True,
+           recompute=False, grads=True):
+    device = backend_device(backend)
+    tensors = _inputs(shape, h, dtype, device, activation=activation, norm_bias=bias and norm == "layernorm",
+                      fc_bias=bias, proj_bias=bias)
+    gy = torch.randn(shape, dtype=torch.float64, device=device)
+    kw = dict(norm=norm, activation=activation, residual=residual)
+    y, g = _run(fusedlm.layernorm_mlp, tensors, gy, recompute=recompute, backend=backend, **kw)
+    y64, g64 = _run(reference.layernorm_mlp, {k: v.double() if v is not None else None for k, v in tensors.items()},
+                    gy, **kw)
+    yt, gt = _run(reference.layernorm_mlp, tensors, gy, **kw)
+
+    assert y.dtype == dtype and y.shape == tensors["x"].shape
+    assert_within_budget(y, y64, yt, name="y")
+    if not grads:
+        return
+    rows = tensors["x"].numel() // shape[-1]
+    for name, a, a64, at in zip(GRAD_NAMES, g, g64, gt):
+        if a is None:
+            continue
+        assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        # Weight and bias gradients sum over rows: the floor scales with sqrt(rows).
+        floor = ATOL[dtype] * max(1.0, rows ** 0.5) if name != "dx" else None
+        assert_within_budget(a, a64, at, name=name, atol=floor)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Token blocks of 16 rows: the block loop, its fp32 accumulation and a 1-row tail block run
+    on small inputs (33 rows: blocks of 16, 16, 1)."""
+    monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", "16")
+
+
+# The full grid on the cpu backend (fp32): norm x activation x bias x residual x recompute, on a 3-D
+# x (3, 11, 48) with h = 64 or a 1-D x (97,) with h = 200, alternating so that every activation
+# and every flag value meets both.
+SHAPES = (((3, 11, 48), 64), ((97,), 200))
+GRID = [(norm, act, bias, residual, recompute, *SHAPES[(ACTIVATIONS.index(act) + bias + residual + recompute) % 2])
+        for norm, act, bias, residual, recompute in itertools.product(
+            ("layernorm", "rmsnorm"), ACTIVATIONS, (True, False), (True, False), (False, True))]
+
+
+@pytest.mark.parametrize("norm,activation,bias,residual,recompute,shape,h", GRID,
+                         ids=["-".join(map(str, p[:5])) + f"-{len(p[5])}d" for p in GRID])
+def test_layernorm_mlp_cpu_grid(small_blocks, norm, activation, bias, residual, recompute, shape, h):
+    _require_cpu_kernel()
+    _check("cpu", shape, h, torch.float32, norm=norm, activation=activation, bias=bias, residual=residual,
+           recompute=recompute)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_layernorm_mlp_cpu_bf16(small_blocks, norm, activation, recompute):
+    """bf16 with fp32 element-wise math. relu's gradients are left out: its derivative is a step,
+    and a pre-activation within a bf16 rounding of 0 takes either side in any two bf16
+    computations (the fused op's and torch's), so the elementwise error has no useful bound."""
+    _require_cpu_kernel()
+    _check("cpu", (2, 33, 97), 200, torch.bfloat16, norm=norm, activation=activation, recompute=recompute,
+           grads=activation != "relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation,recompute", [("gelu_tanh", False), ("swiglu", True)])
+def test_layernorm_mlp_cpu_gpt2_width(dtype, activation, recompute):
+    """d = 768, h = 3072 (GPT-2 small) in the default token blocks."""
+    _require_cpu_kernel()
+    h = 1536 if activation in GATED else 3072
+    _check("cpu", (40, 768), h, dtype, activation=activation, recompute=recompute)
+
+
+@pytest.mark.parametrize("backend", backend_params(cpu=False))
+@pytest.mark.parametrize("norm,activation,bias,residual,recompute", [
+    ("layernorm", "gelu_tanh", True, True, False),
+    ("layernorm", "gelu", False, False, True),
+    ("rmsnorm", "swiglu", True, True, True),
+    ("rmsnorm", "geglu", False, True, False),
+    ("layernorm", "relu", True, False, False),
+    ("rmsnorm", "silu", True, True, True),
+])
+def test_layernorm_mlp_gpu_backends(backend, norm, activation, bias, residual, recompute):
+    """The Triton kernels (fp32 in the interpreter on the CPU) and the CUDA ones (GPU only)."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
+    for dtype in dtypes:
+        _check(backend, (3, 11, 48), 64, dtype, norm=norm, activation=activation, bias=bias, residual=residual,
+               recompute=recompute)
+
+
+@pytest.mark.parametrize("variant", [{"FUSEDLM_CPU_ISA": "scalar"}, {"FUSEDLM_CPU_ISA": "avx512"}],
+                         ids=["scalar", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_layernorm_mlp_cpu_code_paths(monkeypatch, small_blocks, variant, dtype, activation):
+    """The portable element-wise passes and the AVX-512 ones, forced one by one (odd width 97)."""
+    _require_cpu_kernel()
+    if variant["FUSEDLM_CPU_ISA"] == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", variant["FUSEDLM_CPU_ISA"])
+    # recompute on every other activation: the backward pass with and without the bias added on the fly
+    _check("cpu", (33, 48), 97, dtype, activation=activation, recompute=ACTIVATIONS.index(activation) % 2 == 0,
+           grads=not (dtype == torch.bfloat16 and activation == "relu"))
+
+
+def test_layernorm_mlp_backward_is_deterministic():
+    _require_cpu_kernel()
+    tensors = _inputs((333, 97), 200, torch.float32, "cpu", activation="gelu", norm_bias=True, fc_bias=True,
+                      proj_bias=True)
+    gy = torch.randn(333, 97, dtype=torch.float64)
+    _, g1 = _run(fusedlm.layernorm_mlp, tensors, gy, backend="cpu")
+    _, g2 = _run(fusedlm.layernorm_mlp, tensors, gy, backend="cpu")
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_layernorm_mlp_auto_is_the_cpu_kernel():
+    _require_cpu_kernel()
+    tensors = _inputs((17, 48), 64, torch.float32, "cpu", activation="silu", norm_bias=True, fc_bias=True,
+                      proj_bias=True)
+    y_auto = fusedlm.layernorm_mlp(*tensors.values(), activation="silu")
+    y_cpu = fusedlm.layernorm_mlp(*tensors.values(), activation="silu", backend="cpu")
+    assert torch.equal(y_auto, y_cpu)
+    x64 = {k: v.double() for k, v in tensors.items()}  # no kernel takes float64: auto -> reference
+    torch.testing.assert_close(fusedlm.layernorm_mlp(*x64.values(), activation="silu"),
+                               reference.layernorm_mlp(*x64.values(), activation="silu"))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_layernorm_mlp_saves_only_x_statistics_and_pre_act(recompute):
+    """What autograd keeps: x, the parameters, mean and rstd, and pre_act unless recompute; never a
+    normalised x or an activation output."""
+    _require_cpu_kernel()
+    m, d, h = 37, 48, 64
+    tensors = _inputs((m, d), h, torch.float32, "cpu", activation="gelu_tanh", norm_bias=True, fc_bias=True,
+                      proj_bias=True)
+    leaves = {k: v.requires_grad_(True) for k, v in tensors.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fusedlm.layernorm_mlp(*leaves.values(), backend="cpu", recompute=recompute)
+    inputs = {v.data_ptr() for v in leaves.values()}  # x arrives as a (M, d) view of the leaf
+    activations = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in inputs and t.numel())
+    expected = [(m,), (m,)] + ([] if recompute else [(m, h)])  # mean, rstd (, pre_act)
+    assert activations == sorted(expected)
+
+
+def _opcheck_ops(backend):
+    if backend == "cpu":
+        _require_cpu_kernel()
+        return torch.ops.fusedlm.layernorm_mlp_fwd.default, torch.ops.fusedlm.layernorm_mlp_bwd.default
+    return torch.ops.fusedlm.layernorm_mlp_fwd_triton.default, torch.ops.fusedlm.layernorm_mlp_bwd_triton.default
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("rms,activation,recompute", [(False, "gelu_tanh", False), (True, "swiglu", True)])
+def test_layernorm_mlp_opcheck(backend, rms, activation, recompute):
+    fwd, bwd = _opcheck_ops(backend)
+    device = backend_device(backend)
+    t = _inputs((19, 48), 64, torch.float32, device, activation=activation, norm_bias=not rms, fc_bias=True,
+                proj_bias=not rms)
+    args = (*t.values(), 1e-5, rms, activation, True, recompute)
+    grad_args = tuple(v.clone().requires_grad_(True) if v is not None else None for v in t.values())
+    torch.library.opcheck(fwd, (*grad_args, 1e-5, rms, activation, True, recompute))
+    y, mean, rstd, pre_act = fwd(*args)
+    bwd_args = (torch.randn_like(y), *t.values(), mean, rstd, pre_act, 1e-5, rms, activation, True)
+    torch.library.opcheck(bwd, bwd_args)
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False))
+def test_layernorm_mlp_torch_compile_fullgraph(backend):
+    device = backend_device(backend)
+    t = _inputs((40, 48), 64, torch.float32, device, activation="gelu_tanh", norm_bias=True, fc_bias=True,
+                proj_bias=True)
+
+    def block(*args):
+        return (fusedlm.layernorm_mlp(*args, backend=backend) * 2).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    leaves = [v.clone().requires_grad_(True) for v in t.values()]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [v.clone().requires_grad_(True) for v in t.values()]
+    ref = block(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def _bad_inputs():
+    t = _inputs((4, 48), 64, torch.float32, "cpu", activation="gelu", norm_bias=True, fc_bias=True, proj_bias=True)
+    return list(t.values())
+
+
+BAD = [
+    ("x width vs norm_weight", lambda a: [a[0][:, :47]] + a[1:], {}, ValueError,
+     "layernorm_mlp: norm_weight must have shape (47,)"),
+    ("fc_weight width", lambda a: a[:3] + [a[3][:, :40]] + a[4:], {}, ValueError,
+     "layernorm_mlp: fc_weight must have shape (h, 48), got (64, 40)"),
+    ("proj_weight width", lambda a: a[:5] + [a[5][:, :63]] + a[6:], {}, ValueError,
+     "layernorm_mlp: proj_weight must have shape (48, 64) (d, h)"),
+    ("fc_bias length", lambda a: a[:4] + [a[4][:63]] + a[5:], {}, ValueError,
+     "layernorm_mlp: fc_bias must have shape (64,)"),
+    ("gated odd fc height", lambda a: a[:3] + [a[3][:63]] + [a[4][:63]] + [a[5][:, :31]] + a[6:],
+     {"activation": "swiglu"}, ValueError, "layernorm_mlp: a gated activation (swiglu) needs fc_weight of height 2h"),
+    ("rmsnorm with a norm bias", lambda a: a, {"norm": "rmsnorm"}, ValueError,
+     "layernorm_mlp: rmsnorm takes no norm_bias"),
+    ("unknown activation", lambda a: a, {"activation": "gelu_new"}, ValueError,
+     "layernorm_mlp: activation must be one of"),
+    ("integer x", lambda a: [a[0].long()] + a[1:], {}, TypeError, "layernorm_mlp: x must have dtype"),
+    ("integer fc_weight", lambda a: a[:3] + [a[3].int()] + a[4:], {}, TypeError,
+     "layernorm_mlp: fc_weight must have dtype"),
+    ("dtype mismatch", lambda a: a[:5] + [a[5].double()] + a[6:], {}, TypeError,
+     "layernorm_mlp: proj_weight must have the dtype of x"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + backend_params(cuda=False, triton=False))
+@pytest.mark.parametrize("what,make,kw,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_layernorm_mlp_bad_inputs(backend, what, make, kw, exc, msg):
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        fusedlm.layernorm_mlp(*make(_bad_inputs()), backend=backend, **kw)
+
+
+def test_layernorm_mlp_backend_that_cannot_run_is_an_error():
+    a = _bad_inputs()
+    with pytest.raises(fusedlm.BackendError, match="layernorm_mlp: backend='cuda' cannot run"):
+        fusedlm.layernorm_mlp(*a, backend="cuda")
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(fusedlm.BackendError, match="layernorm_mlp: backend='cpu' cannot run .*float32, bfloat16"):
+            fusedlm.layernorm_mlp(*[t.to(dtype) for t in a], backend="cpu")
+
+
+def test_layernorm_mlp_cpp_checks_name_the_op_and_argument():
+    """Calling the C++ ops directly (past the Python checks) still gives a clear error, not a crash."""
+    _require_cpu_kernel()
+    fwd, bwd = torch.ops.fusedlm.layernorm_mlp_fwd, torch.ops.fusedlm.layernorm_mlp_bwd
+    x, nw, nb, fw, fb, pw, pb = _bad_inputs()
+    with pytest.raises(RuntimeError, match=r"layernorm_mlp_fwd: proj_weight must have shape \(48, 64\)"):
+        fwd(x, nw, nb, fw, fb, pw[:, :10], pb, 1e-5, False, "gelu", True, False)
+    with pytest.raises(RuntimeError, match="layernorm_mlp_fwd: activation must be one of .* got 'tanh'"):
+        fwd(x, nw, nb, fw, fb, pw, pb, 1e-5, False, "tanh", True, False)
+    with pytest.raises(RuntimeError, match="layernorm_mlp_fwd: a gated activation"):
+        fwd(x, nw, nb, fw[:63], fb[:63], pw, pb, 1e-5, False, "geglu", True, False)
+    with pytest.raises(RuntimeError, match="layernorm_mlp_fwd: x must be float32 or bfloat16"):
+        fwd(*[t.half() for t in (x, nw, nb, fw, fb, pw, pb)], 1e-5, False, "gelu", True, False)
+    y, mean, rstd, pre = fwd(x, nw, nb, fw, fb, pw, pb, 1e-5, False, "gelu", True, False)
+    with pytest.raises(RuntimeError, match=r"layernorm_mlp_bwd: pre_act must have shape \(4, 64\)"):
+        bwd(y, x, nw, nb, fw, fb, pw, pb, mean, rstd, pre[:3], 1e-5, False, "gelu", True)
+    with pytest.raises(RuntimeError, match=r"layernorm_mlp_bwd: rstd must have shape \(4,\)"):
+        bwd(y, x, nw, nb, fw, fb, pw, pb, mean, rstd[:2], pre, 1e-5, False, "gelu", True)
