@@ -14,7 +14,6 @@ that names the op, the backend and the reason; there is no silent fallback.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -50,9 +49,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(None)
+# Looked up once at import: torch.compile cannot trace importlib's find_spec (a graph break that
+# fails fullgraph=True), but it reads a module constant.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 _KERNEL_CACHE: dict = {}
