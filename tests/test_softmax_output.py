@@ -98,10 +98,11 @@ def test_linear_cross_entropy_grid(backend, bias, reduction, label_smoothing, z_
              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-# (lead shape, d, V): odd sizes, a 3-D x, a long row (V = 50257) and several token chunks
-# (700 tokens at V = 50257 take three chunks of the 64 MiB buffer (333 rows), the last one partial).
+# (lead shape, d, V): odd sizes, a 3-D x, a long row (V = 50257) and several tiles of the 64 MiB
+# buffer: on the cpu backend 700 tokens at V = 50257 take three vocabulary blocks, the last one
+# partial, and 8200 tokens at V = 3000 two token chunks (8192 + 8) of two blocks (2048 + 952).
 SIZES = [((1,), 32, 123), ((1025,), 32, 123), ((31,), 768, 1000), ((3, 11), 97, 123), ((7,), 32, 50257),
-         ((700,), 8, 50257)]
+         ((700,), 8, 50257), ((8200,), 4, 3000)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,8 +1,8 @@
-// The chunked linear cross-entropy driver shared by the CPU (softmax_output.cpp) and CUDA
-// (softmax_output_cuda.cpp) bindings: argument checks, the token-chunk loop and the GEMMs through
-// ATen (MKL/oneDNN on the CPU, cuBLAS on the GPU). The fused per-row pass (softcap, max, sum,
-// lse, loss, and the softmax gradient in place) is the device's kernel, passed in as `rows_fwd` /
-// `rows_bwd`. Contract and math: python/fusedlm/ops/softmax_output.py.
+// The chunked linear cross-entropy driver of the CUDA binding (softmax_output_cuda.cpp), and the
+// argument checks it shares with the CPU binding (softmax_output.cpp, which tiles the vocabulary
+// too: see there why). The loop of token chunks and the GEMMs go through ATen (cuBLAS); the fused
+// per-row pass (softcap, max, sum, lse, loss, and the softmax gradient in place) is the device's
+// kernel, passed in as `rows_fwd` / `rows_bwd`. Contract and math: python/fusedlm/ops/softmax_output.py.
 //
 // Per chunk of T tokens (x_c: (T, d), buffer L: (T, V) float32, the only V-sized activation):
 //   forward:  L = x_c W^T + b;  rows_fwd(L) -> loss, lse of the chunk
