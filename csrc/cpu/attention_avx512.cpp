@@ -11,6 +11,8 @@
 #if FUSEDLM_ATTN_X86
 #include <immintrin.h>
 
+#include "cpu/avx512_math.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -39,9 +41,7 @@ constexpr int kRows = 6;  // micro-kernel rows of C
 constexpr int kVecs = 4;  // micro-kernel vectors (16 floats) per row of C
 constexpr __mmask16 kAll = 0xffff;
 
-FUSEDLM_INLINE __mmask16 lanes(int64_t left) {
-  return left >= 16 ? kAll : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-}
+using avx512::lanes;
 
 template <int MR, int NV, bool kAcc>
 void micro_kernel(int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, float* c,

@@ -11,6 +11,8 @@
 #if FUSEDLM_ATTN_X86
 #include <immintrin.h>
 
+#include "cpu/avx512_math.h"
+
 #include <array>
 #include <utility>
 
@@ -33,9 +35,7 @@ constexpr int kRows = 6;
 constexpr int kVecs = 4;
 constexpr __mmask16 kAll = 0xffff;
 
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? kAll : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-}
+using avx512::lanes;
 
 inline __m512i pair_at(const uint16_t* p) {
   uint32_t w;

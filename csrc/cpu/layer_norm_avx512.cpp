@@ -12,6 +12,8 @@
 #if FUSEDLM_X86
 #include <immintrin.h>
 
+#include "cpu/avx512_math.h"
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
 #else
@@ -33,9 +35,7 @@ namespace {
 
 constexpr __mmask16 kAll = 0xffff;
 
-FUSEDLM_INLINE __mmask16 lanes(int64_t left) {
-  return left >= 16 ? kAll : __mmask16((1u << left) - 1u);
-}
+using avx512::lanes;
 
 // body(acc, j, mask) for every 16-column step j of a row of n columns (see the top). The four
 // accumulators are separate locals (not an array) so that they stay in registers.

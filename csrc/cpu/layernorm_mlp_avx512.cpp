@@ -6,6 +6,7 @@
 // exp: n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for an exact product), e^r by its
 // degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation 5e-9 relative), then scalef by 2^n,
 // which also gives 0 / inf past the fp32 range instead of garbage exponents.
+#include "cpu/avx512_math.h"
 #include "cpu/layer_norm_rows.h"
 #include "cpu/layernorm_mlp.h"  // before the target pragma: no header code is compiled for AVX-512
 
@@ -33,22 +34,7 @@ namespace {
 
 using rows::bf16;
 
-FUSEDLM_INLINE __m512 vexp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.8f));
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+FUSEDLM_INLINE __m512 vexp(__m512 x) { return avx512::exp16(x); }
 FUSEDLM_INLINE __m512 vabs(__m512 x) { return _mm512_abs_ps(x); }
 FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }
 FUSEDLM_INLINE __m512 vstep(__m512 x) {

@@ -12,7 +12,7 @@
 #include <cmath>
 #include <limits>
 
-#include "cpu/avx512_exp.h"
+#include "cpu/avx512_math.h"
 #include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
 
 namespace fusedlm {
@@ -67,7 +67,7 @@ void row_scalar(const void* z, DType dtype, float* p, int64_t vocab, float inv_t
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u); }
+using avx512::lanes;
 
 inline __m512 load16(const float* z, __mmask16 m) { return _mm512_maskz_loadu_ps(m, z); }
 inline __m512 load16(const uint16_t* z, __mmask16 m) {  // bf16 -> float32: the bits move up 16

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/avx512_math.h"
 #include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
 
 #if FUSEDLM_X86
@@ -80,26 +81,8 @@ void bwd_row_scalar(float* z, int64_t cols, float softcap, float lse, float scal
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u); }
-
-// exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial
-// (truncation error r^8 / 8! < 1e-8 relative); 2^n applied by scalef, which underflows to 0 cleanly.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 split hi + lo
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using avx512::exp16;
+using avx512::lanes;
 
 // tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|); below |y| = 1/16 (where 1 - e cancels) its
 // odd Taylor series to y^9 (error < 1e-12 relative there).

@@ -7,8 +7,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <string>
+
+// at::addmm_out with an out_dtype (16-bit inputs, float32 accumulation and output in one cuBLAS
+// call) exists from torch 2.9; the CUDA bindings use it for float32 weight-gradient sums.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define FUSEDLM_ADDMM_OUT_DTYPE 1
+#else
+#define FUSEDLM_ADDMM_OUT_DTYPE 0
+#endif
 
 namespace fusedlm {
 namespace checks {

@@ -31,12 +31,6 @@
 #include "cuda/layernorm_mlp.h"
 #include "layernorm_mlp_args.h"
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-#define FUSEDLM_ADDMM_OUT_DTYPE 1
-#else
-#define FUSEDLM_ADDMM_OUT_DTYPE 0
-#endif
-
 namespace {
 
 using at::Tensor;

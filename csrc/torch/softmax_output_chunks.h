@@ -128,9 +128,17 @@ std::tuple<Tensor, Tensor, Tensor> backward(const char* op, const Tensor& dloss,
       if (!p.low_precision) {
         at::mm_out(dxc, dlogits, weight);
         dweight32.addmm_(dlogits.t(), xc);
-      } else {  // dx in x's dtype as autograd of F.linear would; dW from the float32 dlogits
-        at::mm_out(dxc, dlogits.to(x.scalar_type()), weight);
+      } else {  // dx and dW from dlogits rounded to x's dtype, as autograd of F.linear would
+        const Tensor dl = dlogits.to(x.scalar_type());
+        at::mm_out(dxc, dl, weight);
+#if FUSEDLM_ADDMM_OUT_DTYPE
+        // 16-bit inputs, float32 accumulation and output in one cuBLAS call (tensor cores). The
+        // float32 GEMM this replaces ran without tensor cores: on an H200 it made the backward of
+        // 16384 x 2048 x 128256 bf16 take 374 ms against eager's 35 ms.
+        at::addmm_out(dweight32, dweight32, dl.t(), xc, at::kFloat);
+#else
         dweight32.addmm_(dlogits.t(), xc.to(at::kFloat));
+#endif
       }
       if (has_bias) dbias32.add_(dlogits.sum(0));
     }

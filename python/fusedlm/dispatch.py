@@ -23,13 +23,17 @@ from fusedlm.validation import fmt_dtype
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
-# Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors. Only kernels
-# that have passed their tests on a GPU are listed (benchmarks/RESULTS.md): the CUDA layer_norm.
-# The Triton kernels and the CUDA cross-entropy are compile-checked and interpreter-tested but
-# have not run on a GPU yet, so "auto" keeps CUDA tensors of those ops on the reference until
-# benchmarks/gpu_check.sh has measured them; backend="triton" / "cuda" still selects them.
+# Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors: kernels that
+# passed their tests on an H200 (benchmarks/gpu_check.sh; numbers in benchmarks/RESULTS.md), the
+# faster first where both did. attention: Triton (every head dim 16..256; the CUDA C++ kernels take
+# 64-128 only). linear_cross_entropy and lm_head_softmax: Triton, since the CUDA bindings changed
+# after that run (dW GEMM, row max) and have not run on a GPU since; backend="cuda" selects them.
 AUTO_GPU = {
-    "layer_norm": ("cuda",),
+    "layer_norm": ("cuda", "triton"),
+    "attention": ("triton",),
+    "layernorm_mlp": ("cuda", "triton"),
+    "linear_cross_entropy": ("triton", "cuda"),
+    "lm_head_softmax": ("triton", "cuda"),
 }
 
 try:  # importing _C registers every C++ op with the dispatcher

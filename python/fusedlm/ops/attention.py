@@ -31,9 +31,10 @@ block skipping), writes out and lse.
 
 Backends: "cpu" (float32 / bfloat16, any head dim 1..256; AVX-512 tile kernels with a portable
 fallback, FUSEDLM_CPU_ISA=scalar forces it; bf16 with an even head dim on an avx512_bf16 CPU runs its
-GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does), "cuda" (CUDA tensors; not taken by "auto" until it has
-run on a GPU), "triton" (head dims 16..256 that are multiples of 8) and "reference". "auto" takes
-"cpu" for CPU tensors and the reference for CUDA tensors (dispatch.AUTO_GPU has no attention entry).
+GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does), "cuda" (CUDA tensors, head dims 64, 80, 96, 128; mma.sync
+tensor-core kernels for fp16/bf16, CUDA cores for fp32), "triton" (head dims 16..256 that are multiples
+of 8) and "reference". "auto" takes "cpu" for CPU tensors and "triton" for CUDA tensors (both passed their
+tests on an H200, benchmarks/RESULTS.md), and the reference for what its kernel cannot take.
 """
 from __future__ import annotations
 
@@ -148,6 +149,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     if chosen == "reference":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
     if chosen == "triton" and not (d % 8 == 0 and d >= MIN_TRITON_HEAD_DIM):
+        if backend == "auto":  # e.g. D = 12 on a GPU
+            return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         raise dispatch.BackendError(f"{OP}: backend='triton' cannot run these inputs: it takes head dims "
                                     f"{MIN_TRITON_HEAD_DIM}..{MAX_HEAD_DIM} that are multiples of 8, got {d}")
     if chosen == "cuda" and d not in CUDA_HEAD_DIMS:

@@ -1,15 +1,12 @@
-// exp over 16 float32 lanes for the AVX-512 row kernels (internal to csrc/cpu). The function
-// carries its own target("avx512f"), so it inlines into row kernels compiled for avx512f and up
-// (a target pragma) while the file around them stays portable; call those only after select_isa
-// chose Isa::Avx512.
+// AVX-512 pieces shared by the CPU kernels (internal to csrc/cpu): the tail mask of a row and exp
+// over 16 float32 lanes. Each function carries its own target("avx512f"), so it inlines into
+// kernels compiled for avx512f and up (a target pragma) while the file around them stays portable;
+// call those only after select_isa chose Isa::Avx512.
 //
 // exp(x) = 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2: e^r by its degree-7 Taylor
 // polynomial (truncation error r^8 / 8! < 1e-8 relative, below float32 rounding), 2^n applied by
 // scalef. Inputs are clamped to [-104, 88.7]: below, the result underflows cleanly to 0 (exp(-inf)
 // = 0, as a masked softmax column needs); above, it would overflow float32 anyway.
-//
-// csrc/cpu/softmax_output.cpp keeps a private copy of the same function (that file is frozen on
-// this branch); it should include this header instead.
 #pragma once
 
 #include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
@@ -17,9 +14,16 @@
 #if FUSEDLM_X86
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace fusedlm {
 namespace cpu {
 namespace avx512 {
+
+// The mask of the first `left` of 16 lanes (a row's tail); none for left <= 0.
+__attribute__((target("avx512f"))) inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+}
 
 __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
