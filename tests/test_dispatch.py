@@ -43,6 +43,18 @@ ATTN_BAD = [
 ]
 
 
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(scale=float("inf")), TypeError, "attention: scale must be a finite number, got inf"),
+    (dict(scale=-1.0), ValueError, "attention: scale must be > 0 or None, got -1.0"),
+    (dict(causal=None), TypeError, "attention: causal must be True or False, got None"),
+])
+def test_attention_bad_options(kw, exc, msg):
+    q = torch.randn(1, 2, 5, 16)
+    for backend in ("auto", "reference"):
+        with pytest.raises(exc, match=msg):
+            fusedlm.attention(q, q, q, backend=backend, **kw)
+
+
 @pytest.mark.parametrize("over,exc,msg", ATTN_BAD)
 def test_attention_bad_inputs(over, exc, msg):
     args = dict(q=torch.randn(2, 4, 5, 16), k=torch.randn(2, 2, 7, 16), v=torch.randn(2, 2, 7, 16))
@@ -75,3 +87,14 @@ def test_linear_cross_entropy_bad_inputs():
         fusedlm.linear_cross_entropy(x, torch.randn(11, 7), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="linear_cross_entropy: reduction must be one of"):
         fusedlm.linear_cross_entropy(x, w, torch.tensor([0, 1, 2]), reduction="avg")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("op,native_op", [("layer_norm", "layer_norm_fwd"), ("attention", "attention_fwd"),
+                                          ("layernorm_mlp", "layernorm_mlp_fwd"),
+                                          ("linear_cross_entropy", "linear_cross_entropy_fwd"),
+                                          ("lm_head_softmax", "lm_head_softmax")])
+def test_auto_on_cuda_takes_the_first_gpu_kernel_listed(op, native_op):
+    chosen = dispatch.resolve(op, "auto", torch.device("cuda"), native_op=native_op, triton=True, dtype=torch.bfloat16)
+    assert chosen == dispatch.AUTO_GPU[op][0]

@@ -125,7 +125,7 @@ def test_layernorm_mlp_cpu_gpt2_width(dtype, activation, recompute):
 ])
 def test_layernorm_mlp_gpu_backends(backend, norm, activation, bias, residual, recompute):
     """The Triton kernels (fp32 in the interpreter on the CPU) and the CUDA ones (GPU only)."""
-    dtypes = [torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if HAS_GPU else [])
     for dtype in dtypes:
         _check(backend, (3, 11, 48), 64, dtype, norm=norm, activation=activation, bias=bias, residual=residual,
                recompute=recompute)
@@ -190,11 +190,12 @@ def test_layernorm_mlp_saves_only_x_statistics_and_pre_act(recompute):
 def _opcheck_ops(backend):
     if backend == "cpu":
         _require_cpu_kernel()
+    if backend in ("cpu", "cuda"):  # one native op, a kernel per device
         return torch.ops.fusedlm.layernorm_mlp_fwd.default, torch.ops.fusedlm.layernorm_mlp_bwd.default
     return torch.ops.fusedlm.layernorm_mlp_fwd_triton.default, torch.ops.fusedlm.layernorm_mlp_bwd_triton.default
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("rms,activation,recompute", [(False, "gelu_tanh", False), (True, "swiglu", True)])
 def test_layernorm_mlp_opcheck(backend, rms, activation, recompute):
     fwd, bwd = _opcheck_ops(backend)
@@ -209,7 +210,7 @@ def test_layernorm_mlp_opcheck(backend, rms, activation, recompute):
     torch.library.opcheck(bwd, bwd_args)
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", backend_params())
 def test_layernorm_mlp_torch_compile_fullgraph(backend):
     device = backend_device(backend)
     t = _inputs((40, 48), 64, torch.float32, device, activation="gelu_tanh", norm_bias=True, fc_bias=True,
@@ -255,6 +256,11 @@ BAD = [
      "layernorm_mlp: fc_weight must have dtype"),
     ("dtype mismatch", lambda a: a[:5] + [a[5].double()] + a[6:], {}, TypeError,
      "layernorm_mlp: proj_weight must have the dtype of x"),
+    ("residual a tensor", lambda a: a, {"residual": torch.ones(2)}, TypeError,
+     "layernorm_mlp: residual must be True or False"),
+    ("recompute a string", lambda a: a, {"recompute": "yes"}, TypeError,
+     "layernorm_mlp: recompute must be True or False, got 'yes'"),
+    ("eps None", lambda a: a, {"eps": None}, TypeError, "layernorm_mlp: eps must be a finite number, got None"),
 ]
 
 
@@ -267,7 +273,7 @@ def test_layernorm_mlp_bad_inputs(backend, what, make, kw, exc, msg):
 
 def test_layernorm_mlp_backend_that_cannot_run_is_an_error():
     a = _bad_inputs()
-    with pytest.raises(fusedlm.BackendError, match="layernorm_mlp: backend='cuda' cannot run"):
+    with pytest.raises(fusedlm.BackendError, match="layernorm_mlp: backend='cuda' cannot run these inputs: the tensors are on cpu"):
         fusedlm.layernorm_mlp(*a, backend="cuda")
     for dtype in (torch.float64, torch.float16):
         with pytest.raises(fusedlm.BackendError, match="layernorm_mlp: backend='cpu' cannot run .*float32, bfloat16"):

@@ -185,7 +185,7 @@ def _op_args(device, bias, softcap):
     return x, w, b, target, -100, 0.1, 1e-3, softcap
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("bias,softcap", [(True, None), (False, 7.0)])
 def test_linear_cross_entropy_opcheck(backend, bias, softcap):
     fwd, bwd = _ops(backend)
@@ -199,7 +199,7 @@ def test_linear_cross_entropy_opcheck(backend, bias, softcap):
     torch.library.opcheck(bwd, (dloss, x.detach(), w.detach(), b, target, lse, *opts, bias))
 
 
-@pytest.mark.parametrize("backend", backend_params(cuda=False))
+@pytest.mark.parametrize("backend", backend_params())
 def test_linear_cross_entropy_torch_compile_fullgraph(backend):
     _need_kernel(backend)
     x, w, b, target = _inputs((40,), 32, 257, torch.float32, backend_device(backend), True)
@@ -240,20 +240,37 @@ def test_linear_cross_entropy_bad_inputs(backend, make, exc, msg):
         fusedlm.linear_cross_entropy(*make(x, w, t), backend=backend)
 
 
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(ignore_index=1.5), TypeError, "linear_cross_entropy: ignore_index must be an integer, got 1.5"),
+    (dict(label_smoothing=None), TypeError, "linear_cross_entropy: label_smoothing must be a finite number"),
+    (dict(z_loss=float("nan")), TypeError, "linear_cross_entropy: z_loss must be a finite number"),
+    (dict(softcap="30"), TypeError, "linear_cross_entropy: softcap must be a finite number"),
+    (dict(label_smoothing=1.0), ValueError, r"linear_cross_entropy: label_smoothing must be in \[0, 1\)"),
+])
+def test_linear_cross_entropy_bad_options(kw, exc, msg):
+    x, w, t = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 3, -100])
+    for backend in ("auto", "reference"):
+        with pytest.raises(exc, match=msg):
+            fusedlm.linear_cross_entropy(x, w, t, backend=backend, **kw)
+
+
 def test_linear_cross_entropy_backends_that_cannot_run():
     x, w, t = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 3, -100])
-    if TRITON_INTERPRET:
+    if not dispatch._triton_importable():
+        with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='triton'.*triton is not installed"):
+            fusedlm.linear_cross_entropy(x, w, t, backend="triton")
+    elif TRITON_INTERPRET:
         with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='triton' cannot run "
                                                        ".*float32, bfloat16, float16 tensors, got float64"):
             fusedlm.linear_cross_entropy(x.double(), w.double(), t, backend="triton")
     else:
         with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='triton'.*TRITON_INTERPRET=1"):
             fusedlm.linear_cross_entropy(x, w, t, backend="triton")
-    with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='cuda' cannot run"):
+    with pytest.raises(fusedlm.BackendError, match="linear_cross_entropy: backend='cuda' cannot run these inputs: the tensors are on cpu"):
         fusedlm.linear_cross_entropy(x, w, t, backend="cuda")
     for dtype in (torch.float64, torch.float16):
         with pytest.raises(fusedlm.BackendError,
-                           match=f"linear_cross_entropy: backend='cpu' cannot run .*float32, bfloat16 tensors"):
+                           match="linear_cross_entropy: backend='cpu' cannot run .*float32, bfloat16 tensors"):
             fusedlm.linear_cross_entropy(x.to(dtype), w.to(dtype), t, backend="cpu")
     # "auto" sends what the kernel does not take to the reference instead.
     torch.testing.assert_close(fusedlm.linear_cross_entropy(x.double(), w.double(), t),

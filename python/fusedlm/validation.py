@@ -53,3 +53,16 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, what: str 
 def check_choice(op: str, name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_number(op: str, name: str, value, *, integer=False) -> None:
+    """A finite Python number (an int when `integer`); bools and tensors are refused."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value != value or abs(value) == float("inf"):
+        what = "an integer" if integer else "a finite number"
+        raise TypeError(f"{op}: {name} must be {what}, got {value!r}")
+
+
+def check_flag(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")

@@ -43,7 +43,7 @@ import math
 import torch
 
 from fusedlm import dispatch, reference
-from fusedlm.validation import check_same, check_tensor, fmt_shape
+from fusedlm.validation import check_flag, check_number, check_same, check_tensor, fmt_shape
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -143,8 +143,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
         raise ValueError(f"{OP}: head dim must be <= {MAX_HEAD_DIM}, got {d}")
     if hq % hkv != 0:
         raise ValueError(f"{OP}: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
+    check_flag(OP, "causal", causal)
+    check_flag(OP, "return_lse", return_lse)
+    if scale is not None:
+        check_number(OP, "scale", scale)
+        if not scale > 0:
+            raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
     chosen = dispatch.resolve(OP, backend, q.device, native_op="attention_fwd", triton=True, dtype=q.dtype)
     if chosen == "reference":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)

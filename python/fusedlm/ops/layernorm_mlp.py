@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 
 from fusedlm import dispatch, reference
-from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
+from fusedlm.validation import check_choice, check_flag, check_number, check_same, check_shape, check_tensor
 
 OP = "layernorm_mlp"
 
@@ -211,8 +211,11 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
                     ("fc_bias", fc_bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
         if t is not None:
             check_same(OP, "x", x, name, t)
+    check_number(OP, "eps", eps)
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
+    check_flag(OP, "residual", residual)
+    check_flag(OP, "recompute", recompute)
 
     chosen = dispatch.resolve(OP, backend, x.device, native_op="layernorm_mlp_fwd", triton=True, dtype=x.dtype)
     if chosen == "reference":

@@ -20,7 +20,7 @@ The C++ op schema (csrc/torch/lm_head*.cpp; the Triton op `lm_head_softmax_trito
 
     lm_head_softmax(x, weight, bias?, temperature) -> probs
         x: (N, d) contiguous float32 / bfloat16 (float16 too on CUDA and Triton); weight: (V, d) and
-        bias: (V,) of x's dtype; temperature > 0. probs: (N, V) float32.
+        bias: (V,) of x's dtype; temperature >= MIN_TEMPERATURE (2.9e-39: 1/T finite in float32). probs: (N, V) float32.
 
 CPU: the GEMM through ATen (MKL/oneDNN), straight into probs for float32, per token chunk into a
 bf16 buffer for bf16 (the logits rounded as F.linear rounds them); then one OpenMP / AVX-512 row
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from fusedlm import dispatch, reference
 from fusedlm.ops.softmax_output import _check_projection
+from fusedlm.validation import check_number
 
 OP = "lm_head_softmax"
 
@@ -92,21 +93,33 @@ def _op(backend: str):
 
 # --- the public functions --------------------------------------------------------------------
 
+# The smallest temperature whose reciprocal, the kernels' logit scale, is finite in float32.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+def _check_temperature(op, temperature, *, greedy):
+    check_number(op, "temperature", temperature)
+    if (temperature == 0 and greedy) or temperature >= MIN_TEMPERATURE:
+        return
+    least = "0 (greedy) or >= " if greedy else ">= "
+    raise ValueError(f"{op}: temperature must be {least}{MIN_TEMPERATURE:.3g} (1 / temperature must be finite in "
+                     f"float32), got {temperature!r}")
+
+
 def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
     """Next-token probabilities softmax((x @ weight.T + bias) / temperature) in one fused pass.
 
     Args:
         x: (..., d) float32, bfloat16 or float16 (float16: cuda / triton; float64: reference).
         weight: (V, d), bias: (V,) or None, both of x's dtype.
-        temperature: > 0; the logits are divided by it before the softmax.
+        temperature: >= MIN_TEMPERATURE (about 2.9e-39, so that 1/T is finite in float32); the logits are divided by it before the softmax.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedlm.dispatch).
 
     Returns (..., V) float32 probabilities (float64 on the reference backend for float64 inputs),
     differentiable with respect to x, weight and bias.
     """
     _check_projection(OP, x, weight, bias)
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{OP}: temperature must be a number > 0, got {temperature!r}")
+    _check_temperature(OP, temperature, greedy=False)
     chosen = dispatch.resolve(OP, backend, x.device, native_op="lm_head_softmax", triton=True, dtype=x.dtype)
     if chosen == "reference":
         return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
@@ -149,14 +162,12 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
     among ties), where top_k and top_p do not matter. A seeded torch.Generator makes draws repeat.
 
     Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
-    generator: None or a torch.Generator on x's device. temperature: >= 0.
+    generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"{op}: temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, float))
-                              or int(top_k) != top_k or top_k < 1):
+    _check_temperature(op, temperature, greedy=True)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"{op}: top_p must be in (0, 1] or None, got {top_p!r}")

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 from fusedlm import dispatch, reference
-from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
+from fusedlm.validation import check_choice, check_number, check_same, check_shape, check_tensor
 
 TARGET_DTYPES = (torch.int64, torch.int32)
 
@@ -164,6 +164,11 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     if target.device != x.device:
         raise ValueError(f"{op}: target is on {target.device} but x is on {x.device}")
     check_choice(op, "reduction", reduction, reference.REDUCTIONS)
+    check_number(op, "ignore_index", ignore_index, integer=True)
+    check_number(op, "label_smoothing", label_smoothing)
+    check_number(op, "z_loss", z_loss)
+    if softcap is not None:
+        check_number(op, "softcap", softcap)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
     if not z_loss >= 0.0:
