@@ -205,7 +205,8 @@ def test_lm_head_softmax_torch_compile_fullgraph(backend):
 
 
 BAD = [
-    (lambda x, w, b: dict(x=x.long()), TypeError, r"lm_head_softmax: x must have dtype in \(float32, float16, bfloat16, float64\), got int64"),
+    (lambda x, w, b: dict(x=x.long()), TypeError,
+     r"lm_head_softmax: x must have dtype in \(float32, float16, bfloat16, float64\), got int64"),
     (lambda x, w, b: dict(weight=w[:, :7]), ValueError, r"lm_head_softmax: weight must have shape \(V, 8\)"),
     (lambda x, w, b: dict(weight=w.double()), TypeError, "lm_head_softmax: weight must have the dtype of x"),
     (lambda x, w, b: dict(weight=w.to("meta")), ValueError, "lm_head_softmax: weight is on meta but x is on cpu"),
