@@ -113,57 +113,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
                                          rms, activation, at::kCPU);
   const cpu::DType dtype = cpu_dtype(op, x);
   const cpu::Isa isa = kernel_isa(op);
-  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
-
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor y = at::empty({m, d}, x.options());
-  Tensor mean = at::empty({rms ? 0 : m}, f32);
-  Tensor rstd = at::empty({m}, f32);
-  Tensor pre_act = at::empty(recompute ? at::IntArrayRef{0} : at::IntArrayRef{m, fc_out}, x.options());
-
-  const int64_t block = token_block(m, fc_out, x.element_size());
-  Tensor xn = at::empty({block, d}, x.options());
-  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
-  Tensor act = at::empty({block, h}, x.options());
-  const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
-  // y = (x) (+ proj_bias), initialised for all rows in one pass (one parallel region rather than
-  // one per block), then every block's proj GEMM accumulates into its rows.
-  const bool accumulate_y = residual || proj_bias.has_value();
-  if (residual && proj_bias.has_value()) {
-    at::add_out(y, x, *proj_bias);
-  } else if (residual) {
-    y.copy_(x);
-  } else if (proj_bias.has_value()) {
-    y.copy_(proj_bias->expand({m, d}));
-  }
-
-  for (int64_t r0 = 0; r0 < m; r0 += block) {
-    const int64_t rows = std::min(block, m - r0);
-    norm_rows(x, r0, rows, norm_weight, norm_bias, xn, rms ? nullptr : mean.data_ptr<float>() + r0,
-              rstd.data_ptr<float>() + r0, eps, rms, dtype, isa);
-    const Tensor xn_b = xn.narrow(0, 0, rows);
-    Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
-    at::mm_out(pre_b, xn_b, fc_wt);
-    cpu::MlpActFwdArgs aa{};
-    aa.pre = pre_b.data_ptr();
-    aa.bias = ptr_or_null(fc_bias);
-    aa.act = act.data_ptr();
-    aa.rows = rows;
-    aa.h = h;
-    aa.activation = static_cast<cpu::Activation>(dims.activation);
-    aa.dtype = dtype;
-    aa.isa = isa;
-    aa.num_threads = at::get_num_threads();
-    cpu::mlp_act_fwd(aa);
-    Tensor y_b = y.narrow(0, r0, rows);
-    const Tensor act_b = act.narrow(0, 0, rows);
-    if (accumulate_y) {
-      y_b.addmm_(act_b, proj_wt);
-    } else {
-      at::mm_out(y_b, act_b, proj_wt);
-    }
-  }
-  return {y, mean, rstd, pre_act};
+  return lm::forward(
+      x, fc_weight, proj_weight, proj_bias, dims, rms, residual, recompute,
+      token_block(dims.m, dims.fc_out, x.element_size()),
+      [&](int64_t r0, int64_t rows, const Tensor& xn, float* mean, float* rstd) {
+        norm_rows(x, r0, rows, norm_weight, norm_bias, xn, mean, rstd, eps, rms, dtype, isa);
+      },
+      [&](const Tensor& pre_b, const Tensor& act, int64_t rows) {
+        cpu::MlpActFwdArgs aa{};
+        aa.pre = pre_b.data_ptr();
+        aa.bias = ptr_or_null(fc_bias);
+        aa.act = act.data_ptr();
+        aa.rows = rows;
+        aa.h = dims.h;
+        aa.activation = static_cast<cpu::Activation>(dims.activation);
+        aa.dtype = dtype;
+        aa.isa = isa;
+        aa.num_threads = at::get_num_threads();
+        cpu::mlp_act_fwd(aa);
+      });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cpu(

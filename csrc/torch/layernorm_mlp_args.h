@@ -1,12 +1,14 @@
-// Argument checks of fusedlm::layernorm_mlp_fwd / _bwd, shared by the CPU binding
-// (layernorm_mlp.cpp) and the CUDA one (layernorm_mlp_cuda.cpp). The op contract is in
-// python/fusedlm/ops/layernorm_mlp.py.
+// Argument checks of fusedlm::layernorm_mlp_fwd / _bwd and the forward's token-block loop, shared
+// by the CPU binding (layernorm_mlp.cpp) and the CUDA one (layernorm_mlp_cuda.cpp). The op
+// contract is in python/fusedlm/ops/layernorm_mlp.py.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "checks.h"
 
@@ -84,6 +86,54 @@ inline bool check_saved(const char* op, const Dims& dims, const at::Tensor& x, c
               " (rows of x, height of fc_weight), or (0,) to recompute it");
   }
   return recompute;
+}
+
+// The forward over blocks of `block` token rows; the devices differ only in their norm and
+// activation kernels, passed in as
+//   norm_rows(r0, rows, xn, mean or nullptr (rmsnorm), rstd): xn = norm(x[r0 : r0 + rows]) and its statistics
+//   act_fwd(pre_b, act, rows): act[:rows] = act(pre_b + fc_bias)
+// y starts as x (+ proj_bias) for all rows in one pass, then each block's proj GEMM adds into its
+// rows. pre = xn fc_w^T is kept for backward (pre_act) or, with recompute, lives in a block buffer.
+template <typename NormRows, typename ActFwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& proj_weight,
+    const std::optional<at::Tensor>& proj_bias, const Dims& dims, bool rms, bool residual, bool recompute,
+    int64_t block, NormRows norm_rows, ActFwd act_fwd) {
+  using at::Tensor;
+  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({m, d}, x.options());
+  Tensor mean = at::empty({rms ? 0 : m}, f32);
+  Tensor rstd = at::empty({m}, f32);
+  Tensor pre_act = at::empty(recompute ? at::IntArrayRef{0} : at::IntArrayRef{m, fc_out}, x.options());
+  Tensor xn = at::empty({block, d}, x.options());
+  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
+  Tensor act = at::empty({block, h}, x.options());
+  const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
+
+  const bool accumulate_y = residual || proj_bias.has_value();
+  if (residual && proj_bias.has_value()) {
+    at::add_out(y, x, *proj_bias);
+  } else if (residual) {
+    y.copy_(x);
+  } else if (proj_bias.has_value()) {
+    y.copy_(proj_bias->expand({m, d}));
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += block) {
+    const int64_t rows = std::min(block, m - r0);
+    norm_rows(r0, rows, xn, rms ? nullptr : mean.data_ptr<float>() + r0, rstd.data_ptr<float>() + r0);
+    Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
+    at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
+    act_fwd(pre_b, act, rows);
+    Tensor y_b = y.narrow(0, r0, rows);
+    const Tensor act_b = act.narrow(0, 0, rows);
+    if (accumulate_y) {
+      y_b.addmm_(act_b, proj_wt);
+    } else {
+      at::mm_out(y_b, act_b, proj_wt);
+    }
+  }
+  return {y, mean, rstd, pre_act};
 }
 
 }  // namespace layernorm_mlp

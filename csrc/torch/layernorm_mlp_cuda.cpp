@@ -78,45 +78,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cuda(
                                          rms, activation, at::kCUDA);
   const kernels::DType dtype = kernel_dtype<kernels::DType>(op, "x", x);
   const kernels::Activation act_kind = static_cast<kernels::Activation>(dims.activation);
-  const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor y = at::empty({m, d}, x.options());
-  Tensor mean = at::empty({rms ? 0 : m}, f32);
-  Tensor rstd = at::empty({m}, f32);
-  Tensor pre_act = at::empty(recompute ? at::IntArrayRef{0} : at::IntArrayRef{m, fc_out}, x.options());
-  const int64_t block = token_block(m, fc_out, x.element_size());
-  Tensor xn = at::empty({block, d}, x.options());
-  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
-  Tensor act = at::empty({block, h}, x.options());
-  const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
-
-  const bool accumulate_y = residual || proj_bias.has_value();
-  if (residual && proj_bias.has_value()) {
-    at::add_out(y, x, *proj_bias);
-  } else if (residual) {
-    y.copy_(x);
-  } else if (proj_bias.has_value()) {
-    y.copy_(proj_bias->expand({m, d}));
-  }
-  for (int64_t r0 = 0; r0 < m; r0 += block) {
-    const int64_t rows = std::min(block, m - r0);
-    norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, rms ? nullptr : mean.data_ptr<float>() + r0,
-              rstd.data_ptr<float>() + r0, eps, rms, dtype, stream);
-    Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
-    at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
-    check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), ptr_or_null(fc_bias), act.data_ptr(),
-                                          rows, h, stream));
-    Tensor y_b = y.narrow(0, r0, rows);
-    if (accumulate_y) {
-      y_b.addmm_(act.narrow(0, 0, rows), proj_wt);
-    } else {
-      at::mm_out(y_b, act.narrow(0, 0, rows), proj_wt);
-    }
-  }
-  return {y, mean, rstd, pre_act};
+  return lm::forward(
+      x, fc_weight, proj_weight, proj_bias, dims, rms, residual, recompute,
+      token_block(dims.m, dims.fc_out, x.element_size()),
+      [&](int64_t r0, int64_t rows, const Tensor& xn, float* mean, float* rstd) {
+        norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, mean, rstd, eps, rms, dtype, stream);
+      },
+      [&](const Tensor& pre_b, const Tensor& act, int64_t rows) {
+        check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), ptr_or_null(fc_bias),
+                                              act.data_ptr(), rows, dims.h, stream));
+      });
 }
 
 // acc (fp32) += a b with fp32 accumulation across calls (see the top).
