@@ -188,19 +188,38 @@ void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int nu
   }
 }
 
+// v rounded to bf16 bits, nearest even as torch does (NaN -> 0x7fc0), branch-free so that the loop
+// around it vectorises.
+inline uint16_t bf16_bits_rne(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
 // Both arrays cut into one list of fixed 4096-element chunks, spread over the threads.
-template <typename T>
-void add_to_fp32_typed(const T* x0, float* acc0, int64_t n0, const T* x1, float* acc1, int64_t n1, int num_threads) {
+void fold_bf16_typed(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t n1, FoldStep step,
+                     int num_threads) {
   constexpr int64_t kChunk = 4096;
   const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
   const int nt = (n0 + n1) < kMinParallelElems ? 1 : std::max(1, num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const bool first = c < c0;
-    const T* x = first ? x0 : x1;
+    bf16* x = first ? x0 : x1;
     float* acc = first ? acc0 : acc1;
     const int64_t begin = (first ? c : c - c0) * kChunk, end = std::min(first ? n0 : n1, begin + kChunk);
-    for (int64_t i = begin; i < end; ++i) acc[i] += mlp::to_float(x[i]);
+    switch (step) {
+      case FoldStep::First:
+        for (int64_t i = begin; i < end; ++i) acc[i] = mlp::to_float(x[i]);
+        break;
+      case FoldStep::Middle:
+        for (int64_t i = begin; i < end; ++i) acc[i] += mlp::to_float(x[i]);
+        break;
+      case FoldStep::Last:
+        for (int64_t i = begin; i < end; ++i) x[i].bits = bf16_bits_rne(acc[i] + mlp::to_float(x[i]));
+        break;
+    }
   }
 }
 
@@ -237,12 +256,9 @@ void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, floa
   column_sum_typed(static_cast<const float*>(x), rows, cols, acc, num_threads);
 }
 
-void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
-                 int num_threads) {
-  if (dtype == DType::BFloat16)
-    return add_to_fp32_typed(static_cast<const bf16*>(x0), acc0, n0, static_cast<const bf16*>(x1), acc1, n1,
-                             num_threads);
-  add_to_fp32_typed(static_cast<const float*>(x0), acc0, n0, static_cast<const float*>(x1), acc1, n1, num_threads);
+void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
+                     int num_threads) {
+  fold_bf16_typed(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
 }
 
 }  // namespace cpu

@@ -66,10 +66,13 @@ void mlp_act_bwd(const MlpActBwdArgs& args);
 // bias gradient, sum of d(y)); deterministic for any thread count.
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads);
 
-// acc0[i] += x0[i] (i < n0) and acc1[i] += x1[i] (i < n1), in fp32, in one parallel region: the
-// bf16 weight-gradient GEMM results of a token block added to their fp32 sums.
-void add_to_fp32(const void* x0, float* acc0, int64_t n0, const void* x1, float* acc1, int64_t n1, DType dtype,
-                 int num_threads);
+// The bf16 weight-gradient GEMM results x0 (n0 elements) and x1 (n1) of one token block folded
+// into their fp32 sums acc0, acc1, in one parallel region. First: acc = x; Middle: acc += x;
+// Last: x = bf16(acc + x), the finished gradient written over the block's result. (One block in
+// all needs none: its GEMM, fp32 inside, already gives the gradient.)
+enum class FoldStep { First, Middle, Last };
+void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
+                     int num_threads);
 
 }  // namespace cpu
 }  // namespace fusedlm

@@ -12,8 +12,9 @@
 // activation-derivative pass (d(pre) and act), the two weight-gradient GEMMs accumulating in
 // fp32 across blocks, d(xn) = d(pre) fc_w, and the layer_norm backward row kernel with the
 // residual's dy added. Weight gradients: fp32 inputs accumulate straight into fp32 with the
-// GEMM (addmm_, beta = 1); bf16 ones through a bf16 GEMM per block (fp32 accumulation inside
-// it, as ATen's bf16 matmul) whose result is added to the fp32 sum. All of it runs in a fixed
+// GEMM (addmm_, beta = 1; the first block writes); bf16 ones through a bf16 GEMM per block (fp32
+// accumulation inside it, as ATen's bf16 matmul) whose results are summed in fp32, the last block
+// rounding the sum into the bf16 gradient (one block: its GEMM is the gradient). All of it runs in a fixed
 // order: the gradients have the same bits on every run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -154,9 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor dx = at::empty({m, d}, x.options());
   Tensor dnorm_w = at::zeros({d}, f32);
   Tensor dnorm_b = at::zeros({norm_bias.has_value() ? d : 0}, f32);
-  Tensor dfc_w = at::zeros({fc_out, d}, f32);
   Tensor dfc_b = at::zeros({fc_bias.has_value() ? fc_out : 0}, f32);
-  Tensor dproj_w = at::zeros({d, h}, f32);
   Tensor dproj_b = at::zeros({proj_bias.has_value() ? d : 0}, f32);
 
   const int64_t block = token_block(m, fc_out, x.element_size());
@@ -166,8 +165,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor dpre = at::empty({block, fc_out}, x.options());
   Tensor stats = at::empty({2 * block}, f32);  // the recomputed statistics (equal to the saved ones)
   Tensor ln_ws = at::empty({cpu::layer_norm_bwd_workspace_floats(block, d)}, f32);
-  Tensor fc_scratch = bf16 ? at::empty({fc_out, d}, x.options()) : Tensor();
-  Tensor proj_scratch = bf16 ? at::empty({d, h}, x.options()) : Tensor();
+  // The weight gradients. fp32: the first block's GEMMs write them, the others add (beta = 1). bf16:
+  // each block's GEMMs write dfc_w / dproj_w in bf16 and fold_bf16_block sums them in fp32 (the
+  // last block rounds the sum back into them); one block alone needs no fp32 sum.
+  const int64_t num_blocks = (m + block - 1) / block;
+  const auto zeros_if_no_rows = [&](at::IntArrayRef shape, at::TensorOptions o) {
+    return m == 0 ? at::zeros(shape, o) : at::empty(shape, o);
+  };
+  Tensor dfc_w = zeros_if_no_rows({fc_out, d}, bf16 ? x.options() : f32);
+  Tensor dproj_w = zeros_if_no_rows({d, h}, bf16 ? x.options() : f32);
+  Tensor dfc_acc = bf16 && num_blocks > 1 ? at::empty({fc_out, d}, f32) : Tensor();
+  Tensor dproj_acc = bf16 && num_blocks > 1 ? at::empty({d, h}, f32) : Tensor();
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
@@ -200,13 +208,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     ab.num_threads = nt;
     cpu::mlp_act_bwd(ab);
 
-    // dproj_w += dy^T act, dfc_w += d(pre)^T xn: fp32 straight into the sums; bf16 through a
-    // bf16 GEMM each (fp32 accumulation inside), both added to the sums in one pass.
-    if (bf16) {
-      at::mm_out(proj_scratch, dy_b.t(), dact_b);
-      at::mm_out(fc_scratch, dpre_b.t(), xn_b);
-      cpu::add_to_fp32(proj_scratch.data_ptr(), dproj_w.data_ptr<float>(), d * h, fc_scratch.data_ptr(),
-                       dfc_w.data_ptr<float>(), fc_out * d, dtype, nt);
+    // dproj_w += dy^T act, dfc_w += d(pre)^T xn.
+    if (bf16 || r0 == 0) {
+      at::mm_out(dproj_w, dy_b.t(), dact_b);
+      at::mm_out(dfc_w, dpre_b.t(), xn_b);
+      if (bf16 && num_blocks > 1) {
+        const auto step = r0 == 0 ? cpu::FoldStep::First : r0 + rows == m ? cpu::FoldStep::Last : cpu::FoldStep::Middle;
+        cpu::fold_bf16_block(dproj_w.data_ptr(), dproj_acc.data_ptr<float>(), d * h, dfc_w.data_ptr(),
+                             dfc_acc.data_ptr<float>(), fc_out * d, step, nt);
+      }
     } else {
       dproj_w.addmm_(dy_b.t(), dact_b);
       dfc_w.addmm_(dpre_b.t(), xn_b);
@@ -237,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   }
   if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), nt);
   const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
-  return {dx, out(dnorm_w), out(dnorm_b), out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
+  return {dx, out(dnorm_w), out(dnorm_b), out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};  // dfc_w, dproj_w: no copy
 }
 
 }  // namespace

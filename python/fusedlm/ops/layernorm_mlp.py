@@ -119,6 +119,9 @@ def _setup_context(ctx, inputs, output):
     x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps, rms, activation, residual, _ = inputs
     _, mean, rstd, pre_act = output
     ctx.mark_non_differentiable(mean, rstd, pre_act)
+    # The statistics and pre_act never get a gradient: without this the engine would hand the
+    # backward a zero-filled (tokens, fc_out) dpre_act on every call (~2% of a CPU step).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act)
     ctx.eps, ctx.rms, ctx.activation, ctx.residual = eps, rms, activation, residual
 
@@ -126,6 +129,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, dy, dmean, drstd, dpre_act):
         x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act = ctx.saved_tensors
+        if dy is None:  # only the non-differentiable outputs were used
+            dy = torch.zeros_like(x)
         dx, dnw, dnb, dfcw, dfcb, dpw, dpb = bwd_op(
             dy.contiguous(), x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
             pre_act, ctx.eps, ctx.rms, ctx.activation, ctx.residual,
