@@ -5,7 +5,7 @@ W (V, d) are leaves that need a gradient. The baseline is eager `F.cross_entropy
 which holds the (N, V) logits, their log-softmax and their gradient (N x V x 4 bytes each: 393 MiB
 at 2048 x 50304, 1.5 GiB at 8192 x 50304). The C++ backends hold one chunk of logits (about 64 MiB)
 and recompute it in backward: four GEMMs of 2NVd flops against eager's three, in exchange for the
-memory. The Triton backend (GPU only) holds no logits at all, only float32 partials of O(N) and the
+memory; the "four GEMMs" provider times exactly those GEMMs, the floor of that design. The Triton backend (GPU only) holds no logits at all, only float32 partials of O(N) and the
 float32 dW / dX accumulators, and recomputes the logit tiles in both backward kernels (five GEMMs).
 
 Peers: torch's `F.linear_cross_entropy` (torch >= 2.13) without options (its reference path) and
@@ -96,6 +96,29 @@ def _eager(t):
     return F.cross_entropy(F.linear(t["x"], t["weight"]).float(), t["target"])
 
 
+class _FourGemms(torch.autograd.Function):
+    """The floor of a backward that recomputes the logits: S = x W^T in forward, then S again, dX = S W
+    and dW = S^T x in backward, full-size GEMMs and nothing else (no softmax, no loss; S is held
+    whole, so its memory is no floor). Eager does three of these GEMMs plus element-wise passes over
+    S; a recomputing op does four, so it can beat eager only where those passes cost more than one
+    GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.mm(x, weight.t())[0, 0].float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        s = torch.mm(x, weight.t())
+        return torch.mm(s, weight), torch.mm(s.t(), x)
+
+
+def _four_gemms(t):
+    return _FourGemms.apply(t["x"], t["weight"])
+
+
 def _torch_lce(chunked: bool):
     if not hasattr(F, "linear_cross_entropy"):
         return None, f"torch {torch.__version__} has no F.linear_cross_entropy"
@@ -148,6 +171,7 @@ def providers(case: Case) -> list:
     fn, why = _torch_lce(True)
     out.append(Provider("F.linear_cross_entropy(chunked)", fn, "peer", why))
     out.append(Provider("compile(eager)", _eager, "compile"))
+    out.append(Provider("four GEMMs", _four_gemms, "floor"))
     if case.device == "cuda":
         for pname, (fn, why) in (("liger", _liger()), ("cut-cross-entropy", _cce())):
             out.append(Provider(pname, fn, "peer", why))
