@@ -1,5 +1,5 @@
 // AVX-512 tile kernels of the CPU flash attention (the drivers and the math are in attention.cpp,
-// the tile layout in attention_tiles.h). Compiled for avx512f/bw/vl through a target pragma and
+// the tile layout in attention_tiles.h). Compiled for AVX-512 (the region of avx512_region_begin.h) and
 // called only after the run-time CPU check.
 //
 // The GEMM micro-kernel keeps a 6 x 64 block of C in 24 zmm accumulators: per step p it loads 4
@@ -19,16 +19,7 @@
 #include <limits>
 #include <utility>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-// GCC 12 reports its own intrinsics' `__Y = __Y` placeholders as uninitialised once inlined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/avx512_region_begin.h"
 
 #define FUSEDLM_INLINE inline __attribute__((always_inline))
 
@@ -279,11 +270,6 @@ TileKernels avx512_tile_kernels() { return {&gemm, &softmax_fwd, &softmax_bwd, &
 }  // namespace cpu
 }  // namespace fusedlm
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 
 #endif  // FUSEDLM_ATTN_X86

@@ -1,6 +1,6 @@
 // avx512_bf16 kernels of the CPU flash attention for bf16 inputs (the drivers are in
 // attention_bf16.cpp, the operand layouts in attention_tiles.h). Compiled for
-// avx512f/bw/vl/bf16 through a target pragma and called only after the run-time CPU check.
+// AVX-512 with avx512bf16 (avx512_region_begin.h) and called only after the run-time CPU check.
 //
 // vdpbf16ps multiplies 16 pairs of bf16 and adds both products to 16 fp32 lanes: twice the
 // multiply-adds of an fp32 FMA per instruction, on half the bytes. The micro-kernel is the fp32
@@ -16,15 +16,8 @@
 #include <array>
 #include <utility>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#define FUSEDLM_AVX512_REGION_BF16
+#include "cpu/avx512_region_begin.h"
 
 namespace fusedlm {
 namespace cpu {
@@ -142,11 +135,6 @@ DotKernels avx512_bf16_dot_kernels() { return {&gemm, &tile_to_bf16, &tile_to_pa
 }  // namespace cpu
 }  // namespace fusedlm
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 
 #endif  // FUSEDLM_ATTN_X86

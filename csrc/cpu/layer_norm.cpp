@@ -170,7 +170,7 @@ bool cpu_has_avx512() {
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }();
   return ok;
 #else
@@ -364,7 +364,7 @@ bool select_isa(Isa* isa, const char** error) {
       *isa = Isa::Avx512;
       return true;
     }
-    *error = "FUSEDLM_CPU_ISA=avx512 but this CPU lacks avx512f/avx512bw/avx512vl";
+    *error = "FUSEDLM_CPU_ISA=avx512 but this CPU lacks avx512f/avx512bw/avx512vl/avx512dq";
     return false;
   }
   *error = "FUSEDLM_CPU_ISA must be one of auto, scalar, avx512";

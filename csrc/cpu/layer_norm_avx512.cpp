@@ -1,5 +1,5 @@
 // AVX-512 row kernels of the CPU LayerNorm / RMSNorm (the math and the drivers are in
-// layer_norm.cpp). Compiled for avx512f/bw/vl through a target pragma and called only after
+// layer_norm.cpp). Compiled for AVX-512 (the region of avx512_region_begin.h) and called only after
 // the run-time CPU check, so the library still loads and runs on CPUs without AVX-512.
 //
 // A row is walked in 16-column steps. The main loop takes four steps at a time, each feeding
@@ -14,17 +14,7 @@
 
 #include "cpu/avx512_math.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-// GCC 12 reports its own intrinsics' `__Y = __Y` placeholders (_mm512_undefined_*) as
-// uninitialised once inlined here (GCC bug 105593, fixed in 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/avx512_region_begin.h"
 
 #define FUSEDLM_INLINE inline __attribute__((always_inline))
 
@@ -254,11 +244,6 @@ template BwdRowFn<fp16> avx512_bwd_row<fp16>(bool, bool);
 }  // namespace cpu
 }  // namespace fusedlm
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 
 #endif  // FUSEDLM_X86

@@ -1,6 +1,6 @@
 // AVX-512 instances of the activation passes of layernorm_mlp (the loops and the math are in
 // layernorm_mlp_act.h): 16 columns per step in fp32, the last step masked, so any width works
-// without a scalar tail. Compiled for avx512f/bw/vl through a target pragma and called only
+// without a scalar tail. Compiled for AVX-512 (the region of avx512_region_begin.h) and called only
 // after the run-time CPU check (select_isa), so the library still runs on CPUs without it.
 //
 // exp: n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for an exact product), e^r by its
@@ -8,22 +8,12 @@
 // which also gives 0 / inf past the fp32 range instead of garbage exponents.
 #include "cpu/avx512_math.h"
 #include "cpu/layer_norm_rows.h"
-#include "cpu/layernorm_mlp.h"  // before the target pragma: no header code is compiled for AVX-512
+#include "cpu/layernorm_mlp.h"  // before the AVX-512 region: no header code is compiled for it
 
 #if FUSEDLM_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-// GCC 12 reports its own intrinsics' `__Y = __Y` placeholders as uninitialised once inlined
-// (GCC bug 105593, fixed in 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/avx512_region_begin.h"
 
 #define FUSEDLM_INLINE inline __attribute__((always_inline))
 
@@ -109,11 +99,6 @@ template BwdColsFn avx512_bwd_cols<bf16>(Activation);
 }  // namespace cpu
 }  // namespace fusedlm
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 
 #endif  // FUSEDLM_X86

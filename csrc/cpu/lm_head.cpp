@@ -55,17 +55,7 @@ void row_scalar(const void* z, DType dtype, float* p, int64_t vocab, float inv_t
 
 // --- AVX-512 rows --------------------------------------------------------------------------------
 #if FUSEDLM_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-// GCC 12 reports its own intrinsics' _mm512_undefined_* placeholders as uninitialised once
-// inlined (GCC bug 105593, fixed in 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/avx512_region_begin.h"
 
 using avx512::lanes;
 
@@ -119,12 +109,7 @@ void row_avx512(const void* z, DType dtype, float* p, int64_t vocab, float inv_t
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 #endif  // FUSEDLM_X86
 
 size_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }

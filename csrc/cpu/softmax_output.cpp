@@ -71,15 +71,7 @@ void bwd_row_scalar(float* z, int64_t cols, float softcap, float lse, float scal
 
 // --- AVX-512 rows --------------------------------------------------------------------------------
 #if FUSEDLM_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/avx512_region_begin.h"
 
 using avx512::exp16;
 using avx512::lanes;
@@ -148,12 +140,7 @@ void bwd_row_avx512(float* z, int64_t cols, float softcap, float lse, float scal
   }
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+#include "cpu/avx512_region_end.h"
 #endif  // FUSEDLM_X86
 
 BlockStats fwd_row(Isa isa, float* z, int64_t cols, float softcap) {
