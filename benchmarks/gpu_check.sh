@@ -5,13 +5,15 @@
 #      work is small): the tests marked "gpu" or "triton", which run the CUDA C++ and the Triton
 #      kernels on the GPU (not the interpreter), plus any GPU-only test files
 #   3. the GPU benchmarks, one op after another (alone on the GPU): fusedlm bench --device cuda --ops OP
+#   4. the kernel-time breakdown of the ops that miss their targets (python -m fusedlm.benchmarks.profile)
 # Usage: benchmarks/gpu_check.sh OUTDIR
 # OUTDIR receives one log per stage, bench/ (the JSON and markdown results) and summary.txt; the summary
 # is printed last. Reads the GPU (nvidia-smi queries only) and never changes its settings.
 # Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (default 540: every stage's time box is cut
 # to what is left of it), MAX_JOBS (default: the CPU count), GPU_CHECK_OPS (the benchmarked ops, in order),
-# GPU_CHECK_SKIP (providers left out of the benchmarks, default "compile,SDPA[math]": their compile
-# time or slowness does not fit the time box; `fusedlm bench --device cuda` alone runs them).
+# GPU_CHECK_PROFILE_OPS (the profiled ops), GPU_CHECK_SKIP (providers left out of the benchmarks, default
+# "compile,SDPA[math]": their compile time or slowness does not fit the time box; `fusedlm bench --device
+# cuda` alone runs them).
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -74,6 +76,9 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
     stage "bench_$op" "$box" "$PY" -m fusedlm bench --device cuda --ops "$op" --dtypes bfloat16 --repeats 30 --no-plots \
       --skip "${GPU_CHECK_SKIP-compile,SDPA[math]}" --out "$OUT/bench"
   done
+  # where the time goes in the ops that miss their GPU targets (kernel times under torch.profiler)
+  stage profile 45 "$PY" -m fusedlm.benchmarks.profile --device cuda --dtypes bfloat16 --top 6 \
+    --ops "${GPU_CHECK_PROFILE_OPS:-layernorm_mlp,softmax_output,attention}"
 else
   echo "gpu_check: the build failed; tests and benchmarks skipped (see $OUT/build.log)"
 fi
@@ -84,12 +89,13 @@ fi
   grep -E '^(gpu|cpus|versions): ' "$OUT/env.log" 2>/dev/null
   grep -E '^real' "$OUT/build.log" 2>/dev/null | sed 's/^real/build time/'
   printf '%-20s %-8s %-6s %s\n' stage rc seconds result
-  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null); do
+  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null) profile; do
     [[ -f $OUT/stages/$f ]] || continue
     IFS='|' read -r n rc sec note < "$OUT/stages/$f"
     printf '%-20s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"
   done
   for f in "$OUT"/t_*.log; do grep -E '^(FAILED|ERROR) ' "$f" | head -n 8 | cut -c1-200; done
+  [[ -f $OUT/profile.log ]] && grep -vE '^\s*$|USDT|^(WARNING|STAGE)' "$OUT/profile.log" | head -n 90 | cut -c1-130
   "$PY" - "$OUT/bench" <<'EOF' 2>/dev/null || echo "no benchmark results"
 import json, pathlib, sys
 # forward+backward (or forward for forward-only ops): every fusedlm provider and the baseline, per case

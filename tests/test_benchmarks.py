@@ -96,3 +96,24 @@ def test_parse_dtypes():
     assert harness.parse_dtypes("fp32, bf16") == ["float32", "bfloat16"]
     with pytest.raises(ValueError, match="--dtypes"):
         harness.parse_dtypes("float8")
+
+
+def test_profile_lists_each_providers_largest_entries(monkeypatch):
+    """The breakdown tool: one line per provider with its per-step total, then its largest operators;
+    a failing provider is reported in its line, not fatal."""
+    from fusedlm.benchmarks import profile
+
+    def broken(t):
+        raise RuntimeError("kernel exploded")
+
+    peer = _only({"F.layer_norm"})
+    monkeypatch.setattr(ln_bench, "providers",
+                        lambda case: peer(case) + [harness.Provider("fusedlm[x]", broken, "fusedlm")])
+    case = harness.Case("layer_norm", "layernorm", (256, 64), "float32", "cpu")
+    lines = profile.profile_case(ln_bench, case, warmup=1, steps=2, top=3)
+    assert lines[0] == "layer_norm layernorm 256x64 float32 (cpu)"
+    head = next(i for i, line in enumerate(lines) if line.startswith("  F.layer_norm: "))
+    assert lines[head].endswith("ms self CPU time per step")
+    entries = lines[head + 1:head + 4]
+    assert len(entries) == 3 and any("native_layer_norm" in e for e in entries)
+    assert "  fusedlm[x]: failed: RuntimeError: kernel exploded" in lines
