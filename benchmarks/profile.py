@@ -2,7 +2,7 @@
 
     python -m fusedlm.benchmarks.profile [--device cpu|cuda] [--ops OPS] [--dtypes DTYPES] [--top N]
 
-For the first case of each op's quick preset (the shape its benchmark table leads with), every
+For the first case of each op's quick preset in each dtype (the shape its table leads with), every
 fusedlm provider and the baseline run `--warmup` untimed steps, then `--steps` steps under
 torch.profiler. Printed per provider: the time per step under the profiler and the `--top` entries
 that take most of it, per step -- on a GPU the CUDA kernels by device time (GEMMs, element-wise
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from . import OPS, load_op
@@ -23,14 +24,19 @@ from .harness import _fwd_bwd, _sync, parse_dtypes, ready_providers
 
 def _self_device_us(event) -> float:
     # torch >= 2.4 names it self_device_time_total; older ones self_cuda_time_total
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    if hasattr(event, "self_device_time_total"):
+        return event.self_device_time_total
+    return event.self_cuda_time_total
 
 
 def _top(prof, device: str, steps: int, top: int) -> tuple[float, list]:
-    """(total ms per step of the ranked entries, [(ms per step, calls per step, name)] of the largest)."""
+    """(total ms per step of the ranked entries, [(ms per step, calls per step, name)] of the largest).
+    On a GPU only the device events (kernels, memcpy, memset): the profiler also credits each kernel's
+    time to the CPU operator that launched it, which would count it twice."""
     events = prof.key_averages()
     if device == "cuda":
-        ranked = [(_self_device_us(e), e.count, e.key) for e in events if _self_device_us(e) > 0]
+        ranked = [(_self_device_us(e), e.count, e.key) for e in events
+                  if e.device_type == DeviceType.CUDA and _self_device_us(e) > 0]
     else:
         ranked = [(e.self_cpu_time_total, e.count, e.key) for e in events if e.self_cpu_time_total > 0]
     ranked.sort(key=lambda r: -r[0])
@@ -84,12 +90,13 @@ def main(argv=None) -> int:
     dtypes = parse_dtypes(args.dtypes)
     for op in filter(None, (s.strip() for s in args.ops.split(","))):
         opmod = load_op(op)
-        cases = opmod.cases("quick", args.device, dtypes)
-        if not cases:
-            print(f"{op}: no {args.device} case in {', '.join(dtypes)}")
-            continue
-        print("\n".join(profile_case(opmod, cases[0], warmup=args.warmup, steps=args.steps, top=args.top)),
-              flush=True)
+        for dtype in dtypes:  # the first case of the preset in each dtype
+            cases = opmod.cases("quick", args.device, [dtype])
+            if not cases:
+                print(f"{op}: no {args.device} case in {dtype}")
+                continue
+            print("\n".join(profile_case(opmod, cases[0], warmup=args.warmup, steps=args.steps, top=args.top)),
+                  flush=True)
     return 0
 
 

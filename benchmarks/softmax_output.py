@@ -5,8 +5,10 @@ W (V, d) are leaves that need a gradient. The baseline is eager `F.cross_entropy
 which holds the (N, V) logits, their log-softmax and their gradient (N x V x 4 bytes each: 393 MiB
 at 2048 x 50304, 1.5 GiB at 8192 x 50304). The C++ backends hold one chunk of logits (about 64 MiB)
 and recompute it in backward: four GEMMs of 2NVd flops against eager's three, in exchange for the
-memory; the "four GEMMs" provider times exactly those GEMMs, the floor of that design. The Triton backend (GPU only) holds no logits at all, only float32 partials of O(N) and the
-float32 dW / dX accumulators, and recomputes the logit tiles in both backward kernels (five GEMMs).
+memory; the "four GEMMs" provider times just those GEMMs (on whole (N, V) tensors, so not a strict
+floor: the op's cached tiles can beat it). The Triton backend (GPU only) holds no logits at all, only
+float32 partials of O(N) and the float32 dW / dX accumulators, and recomputes the logit tiles in both
+backward kernels (five GEMMs).
 
 Peers: torch's `F.linear_cross_entropy` (torch >= 2.13) without options (its reference path) and
 with `torch.nn.LinearCrossEntropyOptions()` (its chunked path); torch.compile of the eager pair;
@@ -97,11 +99,11 @@ def _eager(t):
 
 
 class _FourGemms(torch.autograd.Function):
-    """The floor of a backward that recomputes the logits: S = x W^T in forward, then S again, dX = S W
-    and dW = S^T x in backward, full-size GEMMs and nothing else (no softmax, no loss; S is held
-    whole, so its memory is no floor). Eager does three of these GEMMs plus element-wise passes over
-    S; a recomputing op does four, so it can beat eager only where those passes cost more than one
-    GEMM."""
+    """The GEMMs of a backward that recomputes the logits: S = x W^T in forward, then S again, dX = S W
+    and dW = S^T x in backward, full-size GEMMs and nothing else (no softmax, no loss; S is held whole,
+    so neither its memory nor its time is a strict floor). Eager does three of these GEMMs plus
+    element-wise passes over S; a recomputing op does four, so it can beat eager only where those
+    passes cost more than one GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight):

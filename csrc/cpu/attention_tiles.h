@@ -100,7 +100,7 @@ void attention_bwd_bf16_dot(const AttentionBwdArgs& a, const TileKernels& kt, co
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FUSEDLM_ATTN_X86 1
-// The AVX-512 kernels (avx512f/bw/vl; call only when the CPU has them).
+// The AVX-512 kernels (avx512f/bw/vl/dq; call only when the CPU has them).
 TileKernels avx512_tile_kernels();
 // The avx512_bf16 kernels (call only when the CPU has avx512bf16 too).
 DotKernels avx512_bf16_dot_kernels();

@@ -3,12 +3,16 @@
 // file defines FUSEDLM_AVX512_REGION_BF16 first), while the rest of the library stays portable.
 // Code in the region runs only after the run-time check (select_isa in layer_norm.h, and
 // __builtin_cpu_supports("avx512bf16") for the bf16 region). Include the headers the region uses
-// before it, so that no header code is compiled for AVX-512. No include guard: one region per file.
+// before it, so that no header code is compiled for AVX-512, except a header of kernel templates
+// meant to be compiled there (layernorm_mlp_act.h in layernorm_mlp_avx512.cpp). No include guard:
+// one region per file.
 #if defined(__clang__)
 #if defined(FUSEDLM_AVX512_REGION_BF16)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \
+                             apply_to = function)
 #else
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), \
+                             apply_to = function)
 #endif
 #else
 #pragma GCC push_options

@@ -49,7 +49,7 @@ using BwdRowFn = void (*)(const T* dy, const T* dh, const T* h, const float* w, 
                           float* dwp, float* dbp, int64_t n);
 
 #if FUSEDLM_X86
-// The AVX-512 row kernels (avx512f/bw/vl; only call them when the CPU has those). stream:
+// The AVX-512 row kernels (avx512f/bw/vl/dq; only call them when the CPU has those). stream:
 // the outputs (y, h or dx) are written with non-temporal stores; needs every row of every
 // output 64-byte aligned and N * sizeof(T) a multiple of 64 (no masked tail).
 template <typename T>

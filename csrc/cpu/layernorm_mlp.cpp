@@ -188,8 +188,8 @@ void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int nu
   }
 }
 
-// v rounded to bf16 bits, nearest even as torch does (NaN -> 0x7fc0), branch-free so that the loop
-// around it vectorises.
+// v rounded to bf16 bits, nearest even as torch does (NaN -> 0x7fc0): round_to + store_bits above
+// in one branch-free step, so that the loop around it vectorises.
 inline uint16_t bf16_bits_rne(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
@@ -198,7 +198,7 @@ inline uint16_t bf16_bits_rne(float v) {
 }
 
 // Both arrays cut into one list of fixed 4096-element chunks, spread over the threads.
-void fold_bf16_typed(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t n1, FoldStep step,
+void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads) {
   constexpr int64_t kChunk = 4096;
   const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
@@ -258,7 +258,7 @@ void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, floa
 
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads) {
-  fold_bf16_typed(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
+  fold_bf16(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
 }
 
 }  // namespace cpu

@@ -129,8 +129,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(bwd_op):
     def backward(ctx, dy, dmean, drstd, dpre_act):
         x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act = ctx.saved_tensors
-        if dy is None:  # only the non-differentiable outputs were used
-            dy = torch.zeros_like(x)
+        if dy is None:  # y is in the graph but got no gradient: every input gradient is zero
+            return (None,) * 12
         dx, dnw, dnb, dfcw, dfcb, dpw, dpb = bwd_op(
             dy.contiguous(), x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
             pre_act, ctx.eps, ctx.rms, ctx.activation, ctx.residual,
