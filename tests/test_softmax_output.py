@@ -311,3 +311,17 @@ def test_linear_cross_entropy_cpp_checks_name_the_op_and_argument():
         fwd(x, w, None, t[:3], -100, 0.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"linear_cross_entropy_fwd: bias must have shape \(11,\)"):
         fwd(x, w, torch.randn(10), t, -100, 0.0, 0.0, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("slab_cols", [128, 384])
+def test_linear_cross_entropy_cuda_slabs(monkeypatch, dtype, slab_cols):
+    """The cuda backend over several vocabulary slabs (V = 1000: 7 x 128 + 104, or 384 + 384 + 232), so
+    that the running log-sum-exp, the target found in one slab of several, dx summed across slabs and
+    dW written slab by slab are all exercised; the GPU tests' other shapes fit one 256 MiB slab."""
+    _need_kernel("cuda")
+    monkeypatch.setenv("FUSEDLM_LCE_SLAB_COLS", str(slab_cols))
+    x, w, b, target = _inputs((33,), 96, 1000, dtype, "cuda", True)
+    _compare("cuda", x, w, b, target, _upstream("none", target, "cuda"), reduction="none", label_smoothing=0.1,
+             z_loss=1e-3, softcap=20.0)

@@ -11,8 +11,8 @@
 //   backward, per token chunk, per vocabulary block:
 //     L = x_c Wb^T + b_b (the same GEMM as forward: the same logits);  L := dlogits (saved lse)
 //     dx_c += L Wb  (K = Vb);  dWb += L^T x_c  (K = T: each block of dW written once per chunk)
-// Why vocabulary blocks and not token chunks over all of V (the CUDA driver's scheme,
-// softmax_output_chunks.h): with the same 64 MiB, a chunk over all V holds 333 tokens, so the
+// Why vocabulary blocks and not token chunks over all of V (this driver's first scheme): with
+// the same 64 MiB, a chunk over all V holds 333 tokens, so the
 // logits GEMM has M = 333 and every backward chunk re-packs all of W and reads and writes all of
 // dW (154 MB at 50304 x 768) with K = 333. Measured at 8192 x 768 x 50304 fp32 (loaded machine,
 // phase timers): logits GEMM 9.9 s -> 7.3 s, whole forward+backward 32.9 s -> 28.8 s; the four
@@ -28,7 +28,7 @@
 #include <tuple>
 
 #include "cpu/softmax_output.h"
-#include "softmax_output_chunks.h"  // check_inputs, Problem
+#include "softmax_output_args.h"
 
 namespace {
 
@@ -75,13 +75,6 @@ cpu::CrossEntropyTileArgs tile_args(const char* op, Tensor& logits, int64_t col0
   return a;
 }
 
-void check_options(const char* op, double label_smoothing, double z_loss, std::optional<double> softcap) {
-  TORCH_CHECK(label_smoothing >= 0 && label_smoothing < 1, op, ": label_smoothing must be in [0, 1), got ",
-              std::to_string(label_smoothing));
-  TORCH_CHECK(z_loss >= 0, op, ": z_loss must be >= 0, got ", std::to_string(z_loss));
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0 or None");
-}
-
 // The buffers of one tiling, reused by every tile.
 struct TileBuffers {
   Tensor logits;  // (rows * cols,) float32
@@ -115,7 +108,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_fwd_cpu(const Tensor& x, const T
                                                         int64_t ignore_index, double label_smoothing, double z_loss,
                                                         std::optional<double> softcap) {
   constexpr const char* op = "linear_cross_entropy_fwd";
-  check_options(op, label_smoothing, z_loss, softcap);
+  lce::check_options(op, label_smoothing, z_loss, softcap);
   const lce::Problem p = lce::check_inputs(op, x, weight, bias, target, at::kCPU);
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor loss = at::empty({p.n}, f32), lse = at::empty({p.n}, f32);
@@ -146,7 +139,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd_cpu(
     const Tensor& target, const Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
     std::optional<double> softcap, bool has_bias) {
   constexpr const char* op = "linear_cross_entropy_bwd";
-  check_options(op, label_smoothing, z_loss, softcap);
+  lce::check_options(op, label_smoothing, z_loss, softcap);
   const lce::Problem p = lce::check_inputs(op, x, weight, bias, target, at::kCPU);
   TORCH_CHECK(has_bias == bias.has_value(), op, ": has_bias must say whether bias is given");
   fusedlm::checks::check_arg(op, "lse", lse, x.device(), {p.n}, at::kFloat, " (the rows of x)");

@@ -15,15 +15,17 @@ and its gradient, with p = softmax(c) and g the upstream gradient of the token's
     dz_v = dc_v * (1 - (c_v / softcap)^2)                    (the softcap's chain rule)
     dx = dz W,   dW = dz^T x,   db = sum_tokens dz             (dW, db accumulated in float32)
 
-The C++ backends ("cpu", "cuda") never hold the (N, V) logits: a float32 logits buffer of at most
-64 MiB takes a GEMM's output, one fused pass (csrc/cpu/softmax_output.cpp: OpenMP + AVX-512;
-csrc/cuda/softmax_output.cu: a block per row) computes max, sum, lse and loss, and in backward
-overwrites the buffer with dz, after which two GEMMs add to dx and dW. "cuda" walks chunks of
-tokens over all of V (csrc/torch/softmax_output_chunks.h); "cpu" walks tiles of up to 8192
-tokens x a block of the vocabulary, merging each block into a running log-sum-exp in forward,
-so that its GEMMs keep long inner dimensions (csrc/torch/softmax_output.cpp). Backward
-recomputes the logits instead of storing anything V-sized: saved for backward are x, W, b,
-target and lse (4 bytes per token). Forward costs one GEMM (2NVd flops), backward three.
+The C++ backends ("cpu", "cuda") never hold the (N, V) logits. A buffer takes a GEMM's output for
+a block of the vocabulary, one fused pass computes max, sum, lse and loss (merged into a running
+log-sum-exp per token across blocks), and in backward overwrites the buffer with dz, after which
+two GEMMs add to dx and produce that block of dW. "cuda" takes every token in each block (a buffer
+of at most 256 MiB in x's dtype, csrc/torch/softmax_output_cuda.cpp, kernels in
+csrc/cuda/softmax_output.cu: a block per row), so that each block of dW is one GEMM over all N and
+only dx is summed across blocks. "cpu" walks tiles of up to 8192 tokens x a block of the
+vocabulary in a float32 buffer of at most 64 MiB (csrc/torch/softmax_output.cpp, kernels in
+csrc/cpu/softmax_output.cpp: OpenMP + AVX-512), sized for the caches. Backward recomputes the
+logits instead of storing anything V-sized: saved for backward are x, W, b, target and lse (4
+bytes per token). Forward costs one GEMM (2NVd flops), backward three.
 
 The C++ op schema:
 
