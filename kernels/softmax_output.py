@@ -1,9 +1,8 @@
-r"""Triton kernels for the linear cross-entropy in the Cut Cross-Entropy manner:
-fusedlm::linear_cross_entropy_{fwd,bwd}_triton. No (N, V) tensor exists in forward or backward:
-every logit tile z = x_blk W_blk^T (+ b) lives in registers and is recomputed where it is needed.
+r"""Triton kernels for the linear cross-entropy: fusedlm::linear_cross_entropy_{fwd,bwd}_triton.
 Math and op schema: python/fusedlm/ops/softmax_output.py. x (N, d), W (V, d) row-major, d contiguous.
 
-Forward, program (token block m, vocabulary split s), over the V blocks of its split, in float32:
+Forward, in the Cut Cross-Entropy manner (no (N, V) tensor): every logit tile z = x_blk W_blk^T (+ b)
+lives in registers. Program (token block m, vocabulary split s), over the V blocks of its split, in float32:
 
     z = x_m W_v^T + b_v   (K loop over d)     c = softcap * tanh(z / softcap)   (c = z without softcap)
     mx' = max(mx, rowmax(c));  se = se * exp(mx - mx') + rowsum(exp(c - mx'))   online log-sum-exp
@@ -13,28 +12,40 @@ The partial (mx, se, sc, ct) of each split goes to a (S, N) float32 buffer; `_lc
 merges the S splits of a token in split order (deterministic) into lse and the loss; a target outside
 [0, V) that is not ignore_index matches no column (never read) and gives loss NaN, as the C++ kernels.
 
-Backward recomputes z and forms dz in registers (g = dloss of the token, p = exp(c - lse)):
+Backward, by vocabulary slabs: for v0 = 0, C, 2C, ... (all N tokens in every slab, the last slab
+partial), with g = dloss of the token, p = exp(c - lse), eps = label_smoothing:
 
-    dz = g ((1 + 2 z_loss lse) p - (1 - eps)[v == t] - eps / V) (1 - (c / softcap)^2)   0 for ignored/bad t
+    1. L = x W[v0:v0+C]^T (+ b[v0:v0+C])     cuBLAS, into an (N, C) buffer in x's dtype (as F.linear)
+    2. L <- dz = g ((1 + 2 z_loss lse) p - (1 - eps)[v == t] - eps / V) (1 - (c / softcap)^2)
+              `_lce_bwd_dz_kernel`, in place, float32 math; 0 for ignored and bad targets
+    3. dW[v0:v0+C] = dz^T x                   one GEMM with K = N, straight into dweight's rows
+    4. dX += dz W[v0:v0+C]                    float32 accumulator (the output itself for fp32)
+    5. db[v0:v0+C] = column sums of dz        float32
 
-`_lce_bwd_dx_kernel`, program (token block m, split s): for each V block of its split, dz (BM x BN)
-then, d in BLOCK_D chunks, dX_s[m] += dz W_v. `_lce_bwd_dw_kernel`, program (V block v): for each token
-block, dz^T (BN x BM) then dW[v] += dz^T x_m, and db[v] += column sums of dz. No atomics: each
-program owns its output rows, whose float32 accumulator is read and written in global memory (it
-cannot sit in registers: BM x d floats at d = 2048); the first block stores, later ones add. The S dX
-partials are summed in split order. Same bits on every run.
+Every GEMM accumulates in float32 and rounds once to its output, as autograd of F.linear does
+(16-bit: cuBLAS on tensor cores; dX takes the out_dtype=float32 form of addmm). No atomics and a
+fixed slab order: the same bits on every run; no host sync.
 
-Flops: forward 2NVd; backward 4NVd per kernel (z recomputed in both) = 8NVd (eager: 6NVd in all).
-Memory traffic beyond the GEMM operands: forward 16 S bytes per token; backward the accumulators,
-8 N d bytes per V block of dX and 8 V d bytes per token block of dW (L2 / HBM), which is why the
-reduction tile of each (BLOCK_N for dX, BLOCK_M for dW) is the larger one. Extra memory: dX partials
-4 S N d (S = 1 unless the token blocks alone cannot fill the GPU), float32 dW / dX for 16-bit inputs.
+Memory traffic per slab, beyond what the GEMMs read of x and W: the buffer (2 N C bytes for 16-bit)
+is written by GEMM 1, read and written by the dz kernel, read by GEMMs 3 and 4 (4 passes, 8 N C
+bytes); the dX accumulator is read and written once (8 N d bytes). Over the V / C slabs: 8 N V
++ 8 N d V / C bytes, e.g. 17 GB + 4 GB at N = 16384, d = 2048, V = 128256 bf16 (C = 8192, 16 slabs),
+about 5 ms of HBM time beside 6 N V d = 2.6e13 GEMM flops (eager's backward: 4 N V d, as it keeps
+the logits; here they are recomputed, as the forward keeps nothing V-sized).
+Why slabs and cuBLAS: the earlier backward (two Triton kernels recomputing logit tiles, one owning
+dX rows, one owning dW rows) kept its float32 accumulators in global memory, read and written once
+per V block or token block: 8 N V d / BLOCK_N + 8 N V d / BLOCK_M bytes, hundreds of GB at that
+shape, and took 476 ms on an H200 where eager's backward takes ~35 ms.
+Extra memory: the (N, C) buffer, SLAB_BYTES (256 MiB) or less (C >= 128 above 2^20 16-bit tokens), and for
+16-bit inputs the float32 dX (4 N d: 134 MB at that shape); the earlier float32 dW (4 V d) was 1 GB.
 
-Launch configuration: `@triton.autotune` over CONFIGS (one list for sm_80 and sm_90, 16-bit or fp32
-inputs), every entry compiled without spills for both by static_report_specs() + `python -m
-fusedlm.gpu_report`. The kernels are idempotent (first block stores), so autotuning reruns them safely.
-fp32 uses ieee dots (FMA, small tiles); 16-bit dots run on tensor cores (HGMMA / HMMA).
-Under TRITON_INTERPRET=1 (CPU tensors) one fixed set of large blocks and a single split: few programs.
+Launch configuration: `@triton.autotune` over CONFIGS (forward: one list for sm_80 and sm_90, 16-bit
+or fp32 inputs) and DZ_CONFIGS, every entry compiled without spills for both archs by
+static_report_specs() + `python -m fusedlm.gpu_report`. The forward kernels are idempotent; the
+in-place dz kernel is autotuned with its buffer restored between trials. fp32 forward dots are
+ieee (FMA, small tiles); 16-bit ones run on tensor cores (HGMMA / HMMA).
+Under TRITON_INTERPRET=1 (CPU tensors) one fixed set of large blocks and a single split: few programs;
+the 16-bit GEMMs run widened to float32 and rounded once (CPU has no out_dtype GEMM).
 """
 from __future__ import annotations
 
@@ -43,16 +54,20 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.torch_version import TorchVersion
 
 from fusedlm.kernels import device_guard
 
 OP = "linear_cross_entropy"
 LOG2E = tl.constexpr(1.4426950408889634)
 SPLIT_ALIGN = 256  # V-split widths are multiples of this, which every BLOCK_N divides
-MAX_DX_SPLITS = 4  # most float32 dX partials (each N x d) the backward allocates
+SLAB_BYTES = 256 << 20  # backward: bytes of the (N, C) logits / dz buffer (tests shrink it)
+SLAB_ALIGN = 128  # slab widths C are multiples of this (but the last), so buffer rows stay aligned
+# addmm(..., out_dtype=torch.float32) with a float32 input to add to: CUDA, torch >= 2.9 (as
+# csrc/torch/checks.h's FUSEDLM_ADDMM_OUT_DTYPE).
+ADDMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 9)
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 # --- shared tile math ----------------------------------------------------------------------
 
@@ -107,17 +122,6 @@ def _token_terms(T_ptr, LSE_ptr, DLOSS_ptr, rows, row_mask, ignore_index, n_voca
     lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
     g = tl.where(valid, tl.load(DLOSS_ptr + rows, mask=row_mask, other=0.0), 0.0)
     return t, lse, g * (1.0 + 2.0 * z_loss * lse), g * (1.0 - label_smoothing), g * label_smoothing / n_vocab, valid
-
-
-@triton.jit
-def _accumulate(ptrs, part, mask, first):
-    """The owned float32 accumulator: the first block stores, later ones add. The barrier makes the
-    stores of every thread of the program visible before the next read (as __syncthreads does)."""
-    if first:
-        tl.store(ptrs, part, mask=mask)
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + part, mask=mask)
-    tl.debug_barrier()
 
 
 # --- forward -------------------------------------------------------------------------------
@@ -196,104 +200,44 @@ def _lce_fwd_combine_kernel(
 # --- backward ------------------------------------------------------------------------------
 
 @triton.jit
-def _lce_bwd_dx_kernel(
-    X_ptr, W_ptr, B_ptr, T_ptr, LSE_ptr, DLOSS_ptr, DX_ptr,
-    n_rows, n_vocab, d, split_cols, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _lce_bwd_dz_kernel(
+    Z_ptr, T_ptr, LSE_ptr, DLOSS_ptr,
+    n_rows, n_cols, v0, n_vocab, ignore_index, label_smoothing, z_loss, softcap,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (m, s): DX[s, m block] = sum over the V blocks of split s of dz W_v (float32)."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (m, n): the logits Z[m block, n block] of the slab (N, n_cols), row-major, whose column
+    c is vocabulary entry v0 + c, overwritten by their dz (float32 math, stored in Z's dtype)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
+    col_mask = cols < n_cols
     t, lse, scale_p, hit, shift, valid = _token_terms(T_ptr, LSE_ptr, DLOSS_ptr, rows, row_mask, ignore_index,
                                                       n_vocab, label_smoothing, z_loss)
-    offs_d = tl.arange(0, BLOCK_D)
-    dx_base = DX_ptr + pid_s.to(tl.int64) * n_rows * d + rows.to(tl.int64)[:, None] * d
-    v_start = pid_s * split_cols
-    v_end = tl.minimum(v_start + split_cols, n_vocab)
-    for v0 in range(v_start, v_end, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_vocab
-        z = _mm_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, d, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-        if HAS_BIAS:
-            z += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        dz = _dlogits(z, cols[None, :] == t[:, None], lse[:, None], scale_p[:, None], hit[:, None],
-                      shift[:, None], valid[:, None] & col_mask[None, :], softcap, SOFTCAP)
-        dz = dz.to(W_ptr.dtype.element_ty)  # the dot's operand type, as autograd of F.linear
-        w_base = W_ptr + cols.to(tl.int64)[:, None] * d
-        for d0 in range(0, d, BLOCK_D):
-            dd = d0 + offs_d
-            w = tl.load(w_base + dd[None, :], mask=col_mask[:, None] & (dd < d)[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(dz, w, input_precision="ieee")
-            else:
-                part = tl.dot(dz, w)
-            _accumulate(dx_base + dd[None, :], part, row_mask[:, None] & (dd < d)[None, :], v0 == v_start)
-
-
-@triton.jit
-def _lce_bwd_dw_kernel(
-    X_ptr, W_ptr, B_ptr, T_ptr, LSE_ptr, DLOSS_ptr, DW_ptr, DB_ptr,
-    n_rows, n_vocab, d, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Program v: DW[v block] = sum over token blocks of dz^T x_m, DB[v block] = its column sums (float32).
-    Computed transposed (vocabulary on the rows): z^T = W_v x_m^T, so no tile is transposed."""
-    pid_n = tl.program_id(0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_vocab
-    if HAS_BIAS:
-        b = tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    dw_base = DW_ptr + cols.to(tl.int64)[:, None] * d
-    for m0 in range(0, n_rows, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        t, lse, scale_p, hit, shift, valid = _token_terms(T_ptr, LSE_ptr, DLOSS_ptr, rows, row_mask, ignore_index,
-                                                          n_vocab, label_smoothing, z_loss)
-        zt = _mm_tile(W_ptr, X_ptr, cols, rows, col_mask, row_mask, d, BLOCK_N, BLOCK_M, BLOCK_K, IEEE)
-        if HAS_BIAS:
-            zt += b[:, None]
-        dzt = _dlogits(zt, cols[:, None] == t[None, :], lse[None, :], scale_p[None, :], hit[None, :],
-                       shift[None, :], col_mask[:, None] & valid[None, :], softcap, SOFTCAP)
-        db += tl.sum(dzt, 1)
-        dzt = dzt.to(X_ptr.dtype.element_ty)
-        x_base = X_ptr + rows.to(tl.int64)[:, None] * d
-        for d0 in range(0, d, BLOCK_D):
-            dd = d0 + offs_d
-            x = tl.load(x_base + dd[None, :], mask=row_mask[:, None] & (dd < d)[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(dzt, x, input_precision="ieee")
-            else:
-                part = tl.dot(dzt, x)
-            _accumulate(dw_base + dd[None, :], part, col_mask[:, None] & (dd < d)[None, :], m0 == 0)
-    if HAS_BIAS:
-        tl.store(DB_ptr + cols, db, mask=col_mask)
+    ptrs = Z_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    dz = _dlogits(z, (v0 + cols)[None, :] == t[:, None], lse[:, None], scale_p[:, None], hit[:, None],
+                  shift[:, None], valid[:, None] & col_mask[None, :], softcap, SOFTCAP)
+    tl.store(ptrs, dz.to(Z_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launch configuration ------------------------------------------------------------------
 
-# (BLOCK_M tokens, BLOCK_N vocabulary, BLOCK_K, BLOCK_D, num_warps, num_stages) per kernel and input
-# class (16-bit?), one list for sm_80 and sm_90 (autotuned on the GPU); BLOCK_D is unused by the forward.
-# Every entry compiles with stack 0 on both archs (static_report_specs() + `python -m fusedlm.gpu_report`);
-# the 16-bit ones show HGMMA on sm_90a and HMMA on sm_80. fp32 takes ieee dots (FMA, which holds whole
-# K-slices of both operands in registers): small tiles.
+# Forward: (BLOCK_M tokens, BLOCK_N vocabulary, BLOCK_K, num_warps, num_stages) per input class
+# (16-bit?), one list for sm_80 and sm_90 (autotuned on the GPU). Every entry compiles with stack 0 on
+# both archs (static_report_specs() + `python -m fusedlm.gpu_report`); the 16-bit ones show HGMMA on
+# sm_90a and HMMA on sm_80. fp32 takes ieee dots (FMA, which holds whole K-slices of both operands in
+# registers): small tiles.
 # Pruned because they spill (stack bytes sm_90a / sm_80, bf16 and fp16 alike): the 64 x 64-per-thread
-# accumulator tiles, forward 128x128 8 warps (16 / 136), 128x64 4 warps (8 / 160); dX 128x128 8 warps
-# (0 / 104), 64x128 4 warps (8 / 112), 64x256 8 warps (0 / 72); dW 128x128 8 warps (624 / 296),
-# 128x64 4 warps (320 / 40), 256x64 8 warps (200 / 56); fp32 dX 32x32 and 64x32 (0 / 8).
+# accumulator tiles, 128x128 8 warps (16 / 136), 128x64 4 warps (8 / 160).
 CONFIGS = {
-    ("fwd", True): [(128, 64, 64, 0, 8, 3), (64, 128, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)],
-    ("fwd", False): [(32, 64, 16, 0, 4, 2), (64, 64, 16, 0, 8, 2)],
-    ("dx", True): [(64, 128, 64, 64, 8, 2), (64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 2)],
-    ("dx", False): [(32, 64, 16, 32, 4, 2)],
-    ("dw", True): [(128, 64, 64, 64, 8, 2), (64, 64, 64, 64, 4, 2), (128, 64, 64, 32, 8, 2)],
-    ("dw", False): [(64, 32, 16, 32, 4, 2), (32, 32, 16, 32, 4, 2), (32, 64, 16, 32, 4, 2)],
+    True: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)],
+    False: [(32, 64, 16, 4, 2), (64, 64, 16, 8, 2)],
 }
+# The dz kernel: (BLOCK_M tokens, BLOCK_N slab columns, num_warps), any dtype. Streaming elementwise
+# work wants occupancy: 16 values a thread (64-97 registers, 16-32 resident warps an SM) or 32 (96-124
+# registers); 64 a thread (BLOCK 32 x 512, 8 warps) took 164-202 registers, 8 warps an SM: left out.
+DZ_CONFIGS = [(8, 256, 4), (4, 512, 4), (32, 128, 8), (16, 256, 4)]
 
 # Under the interpreter: the whole problem in a few large tiles (numpy arrays of up to 2^18 elements);
 # its cost is mostly per program and loop iteration.
@@ -304,32 +248,30 @@ def _interpret_meta(n: int, vocab: int, d: int) -> dict:
     block_m = min(max(16, triton.next_power_of_2(n)), 256)
     block_k = min(max(16, triton.next_power_of_2(d)), 256)
     block_n = min(max(16, triton.next_power_of_2(vocab)), INTERPRET_TILE // max(block_m, block_k))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_k}
-
-
-def _meta(entry) -> dict:
-    bm, bn, bk, bd, _, _ = entry
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    return meta if bd == 0 else {**meta, "BLOCK_D": bd}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
 
 
 @functools.lru_cache(None)
-def _tuned(kernel: str, low_precision: bool):
-    fn = {"fwd": _lce_fwd_kernel, "dx": _lce_bwd_dx_kernel, "dw": _lce_bwd_dw_kernel}[kernel]
-    configs = [triton.Config(_meta(e), num_warps=e[4], num_stages=e[5]) for e in CONFIGS[(kernel, low_precision)]]
-    return triton.autotune(configs=configs, key=["n_vocab", "d"])(fn)
+def _tuned_fwd(low_precision: bool):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in CONFIGS[low_precision]]
+    return triton.autotune(configs=configs, key=["n_vocab", "d"])(_lce_fwd_kernel)
 
 
-def _launch(kernel: str, x: torch.Tensor, vocab: int, grid, args: tuple, flags: dict) -> None:
+@functools.lru_cache(None)
+def _tuned_dz():
+    # restore_value: the kernel overwrites its input, so each autotune trial starts from the logits.
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in DZ_CONFIGS]
+    return triton.autotune(configs=configs, key=["n_rows", "n_cols"], restore_value=["Z_ptr"])(_lce_bwd_dz_kernel)
+
+
+def _launch_fwd(x: torch.Tensor, vocab: int, grid, args: tuple, flags: dict) -> None:
     """Autotuned on a GPU; one configuration of large blocks under the interpreter."""
     if x.is_cuda:
-        _tuned(kernel, x.dtype != torch.float32)[grid](*args, **flags)
+        _tuned_fwd(x.dtype != torch.float32)[grid](*args, **flags)
         return
     meta = _interpret_meta(x.shape[0], vocab, x.shape[1])
-    if kernel == "fwd":
-        meta.pop("BLOCK_D")
-    fn = {"fwd": _lce_fwd_kernel, "dx": _lce_bwd_dx_kernel, "dw": _lce_bwd_dw_kernel}[kernel]
-    fn[grid(meta)](*args, **flags, **meta)
+    _lce_fwd_kernel[grid(meta)](*args, **flags, **meta)
 
 
 @functools.lru_cache(None)
@@ -380,9 +322,9 @@ def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index: int, label_s
     part = torch.empty((4, n_splits, n), dtype=torch.float32, device=x.device)
     cap = float(softcap) if softcap is not None else 1.0
     with device_guard(OP, x):
-        _launch("fwd", x, vocab, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits),
-                (x, weight, bias if bias is not None else x, target, part, n, vocab, d, width, cap),
-                _flags(x, bias, softcap))
+        _launch_fwd(x, vocab, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits),
+                    (x, weight, bias if bias is not None else x, target, part, n, vocab, d, width, cap),
+                    _flags(x, bias, softcap))
         block = 1024 if x.is_cuda else max(16, triton.next_power_of_2(n))
         _lce_fwd_combine_kernel[(triton.cdiv(n, block),)](
             part, target, loss, lse, n, vocab, n_splits, int(ignore_index), float(label_smoothing), float(z_loss),
@@ -391,77 +333,117 @@ def linear_cross_entropy_fwd(x, weight, bias, target, ignore_index: int, label_s
     return loss, lse
 
 
+def _slab_cols(n: int, vocab: int, element_size: int) -> int:
+    """C: the widest multiple of SLAB_ALIGN columns whose (N, C) buffer fits SLAB_BYTES, within [SLAB_ALIGN, V]."""
+    return min(max(SLAB_BYTES // (n * element_size) // SLAB_ALIGN * SLAB_ALIGN, SLAB_ALIGN), vocab)
+
+
+def _gemm(out, a, b, add=None, accumulate=False):
+    """out = a b (+ add, a row broadcast over rows) (+ out if accumulate), accumulated in float32 and
+    rounded once to out's dtype. out is a's dtype, or float32 for 16-bit a and b (dX): cuBLAS's
+    out_dtype form then (for torch < 2.9 the product rounded to a's dtype and added). CPU tensors have
+    no out_dtype GEMM and slow 16-bit ones: their 16-bit operands are widened to float32."""
+    if not a.is_cuda and a.dtype != torch.float32:  # CPU: widened, rounded once by the copy
+        prod = torch.mm(a.float(), b.float()) if add is None else torch.addmm(add.float(), a.float(), b.float())
+        if accumulate:
+            out.add_(prod)
+        else:
+            out.copy_(prod)
+        return
+    if out.dtype == a.dtype:
+        if add is not None:
+            torch.addmm(add, a, b, out=out)
+        elif accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif ADDMM_OUT_DTYPE:
+        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
+    elif accumulate:
+        out.add_(torch.mm(a, b))
+    else:
+        out.copy_(torch.mm(a, b))
+
+
 def linear_cross_entropy_bwd(dloss, x, weight, bias, target, lse, ignore_index: int, label_smoothing: float,
                              z_loss: float, softcap, has_bias: bool):
     """fusedlm::linear_cross_entropy_bwd_triton: (dx, dweight, dbias) in the dtypes of x, weight, bias;
-    dbias is (0,) without bias. dweight and dbias accumulate in float32."""
+    dbias is (0,) without bias. By vocabulary slabs (module docstring): cuBLAS GEMMs around the dz kernel."""
     _check(x, weight, bias, target)
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
     bias = bias.contiguous() if bias is not None else None
     dloss, lse = dloss.float().contiguous(), lse.contiguous()
     n, d = x.shape
     vocab = weight.shape[0]
-    f32 = x.dtype == torch.float32
     if n == 0:
         dbias = torch.zeros_like(bias) if has_bias else x.new_empty((0,))
         return torch.empty_like(x), torch.zeros_like(weight), dbias
-    width, n_splits = _splits(x, n, vocab, most=MAX_DX_SPLITS)
-    dx32 = torch.empty((n_splits, n, d), dtype=torch.float32, device=x.device)
-    dw32 = torch.empty((vocab, d), dtype=torch.float32, device=x.device)
+    cols = _slab_cols(n, vocab, x.element_size())
+    buf = torch.empty((n * cols,), dtype=x.dtype, device=x.device)
+    dx = torch.empty((n, d), dtype=torch.float32, device=x.device)  # float32 accumulator, or the output
+    dweight = torch.empty_like(weight)
     db32 = torch.empty((vocab if has_bias else 0,), dtype=torch.float32, device=x.device)
-    cap = float(softcap) if softcap is not None else 1.0
-    b = bias if bias is not None else x
-    opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap)
+    opts = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 1.0)
     with device_guard(OP, x):
-        _launch("dx", x, vocab, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_splits),
-                (x, weight, b, target, lse, dloss, dx32, n, vocab, d, width, *opts), _flags(x, bias, softcap))
-        _launch("dw", x, vocab, lambda meta: (triton.cdiv(vocab, meta["BLOCK_N"]),),
-                (x, weight, b, target, lse, dloss, dw32, db32 if has_bias else dw32, n, vocab, d, *opts),
-                _flags(x, bias, softcap))
-    dx = dx32[0] if n_splits == 1 else dx32.sum(0)  # the partials in split order
-    dx = dx if f32 else dx.to(x.dtype)
-    dweight = dw32 if f32 else dw32.to(weight.dtype)
+        for v0 in range(0, vocab, cols):
+            c = min(cols, vocab - v0)
+            z = buf[: n * c].view(n, c)  # contiguous: the last, narrower slab packs its rows
+            w = weight.narrow(0, v0, c)
+            _gemm(z, x, w.t(), add=bias.narrow(0, v0, c) if bias is not None else None)
+            _launch_dz(z, target, lse, dloss, v0, vocab, opts, softcap is not None)
+            _gemm(dweight.narrow(0, v0, c), z.t(), x)
+            _gemm(dx, z, w, accumulate=v0 > 0)
+            if has_bias:
+                torch.sum(z, 0, dtype=torch.float32, out=db32.narrow(0, v0, c))
     dbias = db32.to(bias.dtype) if has_bias else x.new_empty((0,))
-    return dx, dweight, dbias
+    return dx.to(x.dtype), dweight, dbias
+
+
+def _launch_dz(z, target, lse, dloss, v0: int, vocab: int, opts: tuple, softcap: bool) -> None:
+    """z (N, C) <- dz in place: autotuned on a GPU, one configuration of large blocks under the interpreter."""
+    n, c = z.shape
+    args = (z, target, lse, dloss, n, c, v0, vocab, *opts)
+    if z.is_cuda:
+        _tuned_dz()[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))](
+            *args, SOFTCAP=softcap)
+        return
+    block_m = min(max(16, triton.next_power_of_2(n)), 256)
+    block_n = min(max(16, triton.next_power_of_2(c)), INTERPRET_TILE // block_m)
+    _lce_bwd_dz_kernel[(triton.cdiv(n, block_m), triton.cdiv(c, block_n))](
+        *args, SOFTCAP=softcap, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 # --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) --------
 
 def static_report_specs() -> list[dict]:
     """One spec per (kernel, autotune configuration, dtype), with bias and softcap on (the most code),
-    pointers and d 16-divisible (as the JIT finds them for d % 8 == 0). uses_tensor_cores for the
-    16-bit GEMM kernels (HGMMA on sm_90a, HMMA on sm_80); the combine kernel has no dot."""
+    pointers, d and the dz kernel's row length 16-divisible (as the JIT finds them for multiples of 16).
+    uses_tensor_cores for the 16-bit forward GEMM kernel (HGMMA on sm_90a, HMMA on sm_80); the
+    combine and dz kernels have no dot."""
     specs = []
-    fns = {"fwd": _lce_fwd_kernel, "dx": _lce_bwd_dx_kernel, "dw": _lce_bwd_dw_kernel}
-    # runtime argument types after the pointers, per kernel
-    scalars = {
-        "fwd": ["i32", "i32", "i32", "i32", "fp32"],
-        "dx": ["i32", "i32", "i32", "i32", "i32", "fp32", "fp32", "fp32"],
-        "dw": ["i32", "i32", "i32", "i32", "fp32", "fp32", "fp32"],
-    }
     for dtype in ("fp32", "bf16", "fp16"):
         p = "*" + dtype
-        pointers = {
-            "fwd": [p, p, p, "*i64", "*fp32"],
-            "dx": [p, p, p, "*i64", "*fp32", "*fp32", "*fp32"],
-            "dw": [p, p, p, "*i64", "*fp32", "*fp32", "*fp32", "*fp32"],
-        }
-        for kernel, fn in fns.items():
-            for entry in CONFIGS[(kernel, dtype != "fp32")]:
-                constexprs = {"HAS_BIAS": True, "SOFTCAP": True, "IEEE": dtype == "fp32", **_meta(entry)}
-                specs.append(_spec(fn, dtype, entry[4], entry[5], constexprs, pointers[kernel] + scalars[kernel],
-                                   tensor_cores=dtype != "fp32"))
+        for bm, bn, bk, warps, stages in CONFIGS[dtype != "fp32"]:
+            constexprs = {"HAS_BIAS": True, "SOFTCAP": True, "IEEE": dtype == "fp32",
+                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            specs.append(_spec(_lce_fwd_kernel, dtype, warps, stages, constexprs,
+                               [p, p, p, "*i64", "*fp32", "i32", "i32", "i32", "i32", "fp32"],
+                               tensor_cores=dtype != "fp32"))
         specs.append(_spec(_lce_fwd_combine_kernel, dtype, 4, 1, {"BLOCK": 1024},
                            ["*fp32", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32", "fp32"],
                            tensor_cores=False))
+        for bm, bn, warps in DZ_CONFIGS:
+            specs.append(_spec(_lce_bwd_dz_kernel, dtype, warps, 1, {"SOFTCAP": True, "BLOCK_M": bm, "BLOCK_N": bn},
+                               [p, "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "i32", "fp32", "fp32",
+                                "fp32"], tensor_cores=False, divisible_ints=("n_cols",)))
     return specs
 
 
-def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types, tensor_cores):
+def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types, tensor_cores, divisible_ints=("d",)):
     names = [name for name in fn.arg_names if name not in constexprs]
     assert len(names) == len(runtime_types), (fn.__name__, names, len(runtime_types))
     types = dict(zip(names, runtime_types), **{name: "constexpr" for name in constexprs})
-    divisible = [n for n in names if types[n].startswith("*") or n == "d"]
+    divisible = [n for n in names if types[n].startswith("*") or n in divisible_ints]
     config = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
     return {
         "kernel": fn.__name__, "fn": fn, "signature": {name: types[name] for name in fn.arg_names},

@@ -44,9 +44,10 @@ A target outside [0, V) that is not ignore_index raises for CPU tensors (checked
 under torch.compile); the kernels never read it (that token's loss is NaN, its gradient 0).
 
 The Triton backend ("triton": kernels/softmax_output.py, fusedlm::linear_cross_entropy_{fwd,bwd}_triton)
-takes the same schema in the Cut Cross-Entropy manner: no chunk buffer at all; logit tiles live in
-registers, the log-sum-exp is taken online over vocabulary blocks, and backward recomputes the tiles
-in two kernels (dX per token block, dW and db per vocabulary block), deterministic without atomics.
+takes the same schema. Forward in the Cut Cross-Entropy manner: no buffer at all; logit tiles live in
+registers and the log-sum-exp is taken online over vocabulary blocks. Backward by vocabulary slabs of
+at most 256 MiB (N x C): per slab cuBLAS recomputes the logits, a Triton kernel turns them into dz in
+place, and cuBLAS GEMMs write dW's rows of the slab and add to a float32 dX; deterministic, no atomics.
 It shares the fake and autograd registrations below with the C++ ops.
 
 Backends for linear_cross_entropy: "cpu", "cuda", "triton" and "reference".
