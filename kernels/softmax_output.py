@@ -151,6 +151,8 @@ def _lce_fwd_kernel(
         z = _mm_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, d, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if HAS_BIAS:
             z += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if not IEEE:  # 16-bit: z rounded to x's dtype, as F.linear returns it and the backward's GEMM gives it
+            z = z.to(X_ptr.dtype.element_ty).to(tl.float32)
         c = _cap(z, softcap, SOFTCAP)
         c_max = tl.where(col_mask[None, :], c, float("-inf"))
         mx_new = tl.maximum(mx, tl.max(c_max, 1))  # finite: every block holds a column < V
