@@ -70,6 +70,7 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   stage t_softmax_output 150 bash -c 'gpu_tests tests/test_softmax_output.py tests/test_lm_head.py' &
   stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py' &
   wait
+  export FUSEDLM_LOG_TUNING=1  # the Triton attention forward prints the tile its tuner keeps per shape class
   for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm}; do
     "$PY" -c "import sys; from fusedlm.benchmarks import OPS; sys.exit(sys.argv[1] not in OPS)" "$op" || continue
     case $op in attention) box=70;; layernorm_mlp) box=60;; softmax_output) box=80;; *) box=40;; esac
@@ -95,6 +96,7 @@ fi
     printf '%-20s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"
   done
   for f in "$OUT"/t_*.log; do grep -E '^(FAILED|ERROR) ' "$f" | head -n 8 | cut -c1-200; done
+  grep -h '^fusedlm attention forward' "$OUT"/bench_attention.log 2>/dev/null | head -n 16 | cut -c1-220
   [[ -f $OUT/profile.log ]] && grep -vE '^\s*$|USDT|^(WARNING|STAGE)' "$OUT/profile.log" | head -n 90 | cut -c1-130
   "$PY" - "$OUT/bench" <<'EOF' 2>/dev/null || echo "no benchmark results"
 import json, pathlib, sys

@@ -41,6 +41,9 @@ cost grows with the number of programs and loop iterations.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -354,18 +357,32 @@ def _attn_bwd_dq_kernel(
 #   the dK half);
 #   the dO * O row sums on 4096-element tiles (fp16 D64 and D256: 0 / 24, 48 / 8), hence PRE_TILE.
 _GPU_FWD = {
-    (64, True): (128, 64, 8, 3), (128, True): (64, 128, 8, 3), (256, True): (64, 32, 8, 2),
+    (64, True): (128, 64, 8, 3), (128, True): (64, 64, 8, 2), (256, True): (64, 32, 8, 2),
     (64, False): (32, 32, 4, 2), (128, False): (16, 16, 8, 1), (256, False): (16, 16, 4, 1),
 }
 _GPU_DKDV = {
     (64, True): (32, 128, 8, 2), (128, True): (16, 64, 8, 1), (256, True): (16, 64, 8, 1),
-    (64, False): (16, 32, 4, 1), (128, False): (16, 32, 8, 1), (256, False): (16, 32, 4, 1),
+    (64, False): (16, 32, 4, 1), (128, False): (16, 64, 8, 1), (256, False): (16, 32, 4, 1),
 }
 _GPU_DQ = {
     (64, True): (64, 64, 8, 2), (128, True): (64, 64, 8, 2), (256, True): (64, 32, 8, 1),
     (64, False): (32, 32, 4, 2), (128, False): (32, 32, 8, 1), (256, False): (16, 16, 4, 1),
 }
 _TABLES = {"fwd": _GPU_FWD, "dkdv": _GPU_DKDV, "dq": _GPU_DQ}
+
+# The forward's measured choices: (arch family, head-dim bucket, 16-bit?) -> candidates, each compiled
+# without spills for its arch (the "archs" of its report spec) by Triton 3.6 and 3.9. On the first call
+# of a (device, dtype, bucket, causal, Nq, Nk, B * Hq) class (powers of two) each is timed on the call's own
+# inputs and the fastest is kept for the process (`_fwd_config`). Why at 16-bit D = 128: the H200 run
+# of 2026-11-29 had this forward at 0.81x SDPA's flash backend with 64 x 128 tiles, and at D = 64, with
+# 128-row tiles, 1.35x; a 64-row tile at 8 warps splits each score row across two warpgroups. The
+# 128 x 64 tile spills on sm_90a with Triton 3.9 (120 bytes) and 128 x 32 does not.
+_GPU_FWD_CANDIDATES = {
+    ("sm90", 128, True): ((128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2)),
+    ("sm80", 128, True): ((64, 64, 8, 2), (64, 32, 4, 3)),
+}
+_ARCH_OF_FAMILY = {"sm90": "sm_90a", "sm80": "sm_80"}
+_FWD_CHOICE: dict = {}  # the class key of `_fwd_config` -> the chosen configuration
 
 
 def _bucket(block_d: int) -> int:
@@ -391,6 +408,40 @@ def _config(q: torch.Tensor, block_d: int, kernel: str) -> tuple[int, int, int, 
     if q.is_cuda:
         return _gpu_config(block_d, _TL_DTYPE[q.dtype], kernel)
     return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
+
+
+def _pow2_class(n: int, most: int) -> int:
+    return triton.next_power_of_2(max(1, min(n, most)))
+
+
+def _fwd_config(q: torch.Tensor, n_k: int, block_d: int, causal: bool, launch) -> tuple[int, int, int, int]:
+    """The forward's (BLOCK_M, BLOCK_N, warps, stages). With several candidates for this GPU (see
+    _GPU_FWD_CANDIDATES) each runs `launch(config)` under triton.testing.do_bench once per class of
+    shapes and the fastest (median) is kept; FUSEDLM_LOG_TUNING=1 prints the times. While a CUDA graph
+    is being captured nothing is timed: the first candidate runs. The choice can differ between
+    processes when candidates time alike, and with it the forward's last bits."""
+    if not q.is_cuda:
+        return _config(q, block_d, "fwd")
+    family = "sm90" if torch.cuda.get_device_capability(q.device)[0] == 9 else "sm80"
+    candidates = _GPU_FWD_CANDIDATES.get((family, _bucket(block_d), q.dtype != torch.float32))
+    if candidates is None:
+        return _config(q, block_d, "fwd")
+    b, hq, n_q, _ = q.shape
+    key = (q.device.index, q.dtype, _bucket(block_d), causal, _pow2_class(n_q, 16384), _pow2_class(n_k, 16384),
+           _pow2_class(b * hq, 1024))
+    choice = _FWD_CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20, return_mode="median")
+                 for c in candidates]
+        choice = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        _FWD_CHOICE[key] = choice
+        if os.environ.get("FUSEDLM_LOG_TUNING"):
+            timing = ", ".join(f"{c}: {t:.3f} ms" for c, t in zip(candidates, times))
+            print(f"fusedlm attention forward {key[1:]} (BLOCK_M, BLOCK_N, warps, stages): {timing} -> {choice}",
+                  file=sys.stderr)
+    return choice
 
 
 def _check(q, k, v) -> None:
@@ -422,14 +473,18 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     out = torch.empty((b, hq, n_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, n_q), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))
-    block_m, block_n, num_warps, num_stages = _config(q, block_d, "fwd")
-    with device_guard(OP, q):
+
+    def launch(config):
+        block_m, block_n, num_warps, num_stages = config
         _attn_fwd_kernel[(triton.cdiv(n_q, block_m), b * hq)](
             q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             hq, hq // hkv, n_q, n_k, scale * LOG2E,
             CAUSAL=causal, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
             num_warps=num_warps, num_stages=num_stages,
         )
+
+    with device_guard(OP, q):
+        launch(_fwd_config(q, n_k, block_d, causal, launch))
     return out, lse
 
 
@@ -473,20 +528,27 @@ def attention_bwd(do, q, k, v, out, lse, dlse, causal: bool, scale: float):
 # --- static GPU report (python/fusedlm/gpu_report.py compiles these for sm_80 / sm_90a) --------
 
 def static_report_specs() -> list[dict]:
-    """One spec per (kernel, configuration the GPU tables can pick, dtype, head-dim bucket), causal (the
-    variant with the most code: both inner loops carry masks). Head dims 80 and 96 share the 128 bucket
+    """One spec per (kernel, configuration the GPU tables can pick, dtype, head-dim bucket, causal or not:
+    the causal variant has more code, but the other spilled where it did not). Forward candidates of one
+    arch family compile for that arch only. Head dims 80 and 96 share the 128 bucket
     (BLOCK_D = 128, masked columns; HEAD_DIM = 80 is compiled too); attrs say that pointers and row strides are 16-divisible, as the JIT
     finds them for D % 8 == 0 in 16-bit and D % 4 == 0 in fp32 (every head dim the op takes).
     uses_tensor_cores: True for fp16/bf16 (HGMMA on sm_90a, HMMA on sm_80); fp32 uses ieee dots (FMA).
     """
     specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
+    for dtype, causal in ((dt, c) for dt in ("fp32", "bf16", "fp16") for c in (True, False)):
         p = "*" + dtype
         for block_d, head_dim in ((64, 64), (128, 128), (128, 80), (256, 256)):  # 80: masked columns
-            common = {"CAUSAL": True, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "IEEE": dtype == "fp32"}
-            bm, bn, warps, stages = _gpu_config(block_d, dtype, "fwd")
-            specs.append(_spec(_attn_fwd_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
-                               [p] * 4 + ["*fp32"] + ["i32"] * 16 + ["fp32"]))
+            common = {"CAUSAL": causal, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "IEEE": dtype == "fp32"}
+            default = _gpu_config(block_d, dtype, "fwd")
+            fwd = [(default, None)] + [
+                (config, (_ARCH_OF_FAMILY[family],))
+                for (family, bucket, low), configs in _GPU_FWD_CANDIDATES.items()
+                if bucket == _bucket(block_d) and low == (dtype != "fp32") for config in configs if config != default]
+            for (bm, bn, warps, stages), archs in fwd:
+                spec = _spec(_attn_fwd_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
+                             [p] * 4 + ["*fp32"] + ["i32"] * 16 + ["fp32"])
+                specs.append(spec if archs is None else {**spec, "archs": archs})
             bwd_types = ["i32"] * 16 + ["fp32", "fp32"]
             bm, bn, warps, stages = _gpu_config(block_d, dtype, "dkdv")
             for do_dk, do_dv, _, cols in _dkdv_passes(block_d)[:2]:  # the two column halves compile alike
@@ -509,7 +571,7 @@ def _spec(fn, dtype, num_warps, num_stages, constexprs, runtime_types):
     assert len(names) == len(runtime_types), (fn.__name__, names, len(runtime_types))
     types = dict(zip(names, runtime_types), **{name: "constexpr" for name in constexprs})
     divisible = [n for n in names if types[n].startswith("*") or n.endswith(("_qn", "_kn", "_vn", "_on", "_don"))]
-    config = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("CAUSAL", "IEEE"))
+    config = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k != "IEEE")
     return {
         "kernel": fn.__name__, "fn": fn, "signature": {name: types[name] for name in fn.arg_names},
         "constexprs": dict(constexprs),

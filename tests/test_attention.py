@@ -128,6 +128,27 @@ def test_attention_matches_reference(backend, dtype, case):
     _check_all(out, lse, grads, q, k, v, do, causal)
 
 
+try:  # the forward tiles the GPU tuner of the Triton backend chooses from
+    from fusedlm.kernels import attention as attention_kernels
+
+    FWD_CANDIDATES = sorted({c for cs in attention_kernels._GPU_FWD_CANDIDATES.values() for c in cs})
+except ImportError:  # no triton: nothing to choose from
+    FWD_CANDIDATES = []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", FWD_CANDIDATES, ids=str)
+@pytest.mark.parametrize("case", [(2, 4, 2, 257, 300, 128, True), (1, 4, 1, 300, 129, 80, False),
+                                  (1, 2, 1, 97, 97, 128, False)], ids=str)
+def test_attention_triton_forward_candidates(monkeypatch, config, case):
+    """Each forward tile (BLOCK_M, BLOCK_N, warps, stages) the tuner can pick, forced, in bf16 at head dims
+    of its bucket: the tuner keeps whichever is fastest, so every one must be right."""
+    monkeypatch.setattr(attention_kernels, "_fwd_config", lambda *args: config)
+    (q, k, v), do = _inputs(case, torch.bfloat16, "cuda")
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=case[-1], backend="triton")
+    _check_all(out, lse, grads, q, k, v, do, case[-1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_lse_gradient_and_scale(backend):
     """return_lse=True with a loss on lse too (dlse folded into delta), and an explicit scale."""

@@ -23,7 +23,7 @@ thread, shared memory per block (static + Triton's dynamic), tensor-core instruc
 and the theoretical occupancy (resident warps per SM) from registers, shared memory and block size.
 
 What it checks (exit 1 naming the kernel, configuration, arch and number): every kernel compiles
-for both archs; stack bytes are 0; shared memory fits the per-block limit (227 KiB sm_90, 163 KiB
+for both archs (a spec with an "archs" list: for those, as a configuration only they launch); stack bytes are 0; shared memory fits the per-block limit (227 KiB sm_90, 163 KiB
 sm_80); a kernel marked as multiplying 16-bit matrices shows HGMMA on sm_90a and HMMA on sm_80
 (or its marker's OP on both).
 It proves what the compiler emits; it is not a timing.
@@ -299,7 +299,9 @@ def fork_pool(jobs: int, tasks: int):
 
 
 def triton_records(specs: list[dict], archs, cuobjdump: str, tmpdir: str, pool=None) -> list[Record]:
-    tasks = [(i, ARCHS.index(arch), cuobjdump, tmpdir) for i in range(len(specs)) for arch in archs]
+    # A spec with "archs" (arch names) is a configuration only those GPUs launch (e.g. an sm_90 table).
+    tasks = [(i, ARCHS.index(arch), cuobjdump, tmpdir) for i in range(len(specs)) for arch in archs
+             if arch.name in specs[i].get("archs", (arch.name,))]
     if pool is None:
         return [_pool_record(task) for task in tasks]
     return pool.map(_pool_record, tasks, chunksize=1)
