@@ -35,7 +35,9 @@ Head dims: BLOCK_D = next_power_of_2(D), and HEAD_DIM = D is a constexpr, so 80 
 columns while 64, 128 and 256 load whole rows (vectorised).
 
 Launch configuration: `_gpu_config` is one table per (head-dim bucket, 16- or 32-bit input) for sm_80 and
-sm_90; every entry is compiled by `static_report_specs()` for both archs (python -m fusedlm.gpu_report).
+sm_90; for the 16-bit forward at D <= 128 `_fwd_config` times a few candidate tiles per GPU family on the
+first call of each class of shapes and keeps the fastest. Every entry and candidate is compiled by
+`static_report_specs()` (python -m fusedlm.gpu_report), causal and not, without spills.
 Under TRITON_INTERPRET=1 (CPU tensors) the blocks are 64 x 64: few programs, since the interpreter's
 cost grows with the number of programs and loop iterations.
 """
@@ -345,7 +347,8 @@ def _attn_bwd_dq_kernel(
 # one table for sm_80 and sm_90. Every entry compiles with no spill (stack 0) on both archs, checked by
 # static_report_specs() + `python -m fusedlm.gpu_report`; 16-bit entries show HGMMA on sm_90a, which needs the
 # M side of each dot >= 64 (the forward's and dQ's BLOCK_M, the dK/dV kernel's BLOCK_N).
-# Pruned because they spill (stack bytes sm_90a / sm_80, causal):
+# Pruned because they spill (stack bytes sm_90a / sm_80, causal; Triton 3.9), and also, non-causal: 16-bit
+# forward D128 64x128 8 warps (0 / 192), fp32 dK/dV D128 16x32 8 warps (0 / 8), 16x16 (0 / 24):
 #   16-bit forward D64 128x64 4 warps (72 / 176), D128 128x64 8 warps (120 / 168), D256 64x64 4-8 warps (728 / 704);
 #   16-bit dK/dV D64 64x128 (0 / 48), D128 64x128 (72 / 5296), 64x64 8 warps (0 / 48), 32x64 (0 / 8);
 #   D256 every tile with dK and dV in one launch
