@@ -95,6 +95,6 @@ def test_linear_cross_entropy_bad_inputs():
                                           ("layernorm_mlp", "layernorm_mlp_fwd"),
                                           ("linear_cross_entropy", "linear_cross_entropy_fwd"),
                                           ("lm_head_softmax", "lm_head_softmax")])
-def test_auto_on_cuda_takes_the_first_gpu_kernel_listed(op, native_op):
+def test_auto_on_cuda_takes_the_first_gpu_kernel_listed_or_the_reference(op, native_op):
     chosen = dispatch.resolve(op, "auto", torch.device("cuda"), native_op=native_op, triton=True, dtype=torch.bfloat16)
-    assert chosen == dispatch.AUTO_GPU[op][0]
+    assert chosen == (dispatch.AUTO_GPU[op][0] if dispatch.AUTO_GPU[op] else "reference")
