@@ -382,7 +382,10 @@ def linear_cross_entropy_bwd(dloss, x, weight, bias, target, lse, ignore_index: 
         return torch.empty_like(x), torch.zeros_like(weight), dbias
     cols = _slab_cols(n, vocab, x.element_size())
     buf = torch.empty((n * cols,), dtype=x.dtype, device=x.device)
-    dx = torch.empty((n, d), dtype=torch.float32, device=x.device)  # float32 accumulator, or the output
+    f32 = x.dtype == torch.float32
+    # float32 dx: the output itself, or for 16-bit inputs a zeroed accumulator that every slab adds to
+    # (beta = 1 throughout: no reliance on beta = 0 skipping an uninitialised input in the out_dtype GEMM)
+    dx = (torch.empty if f32 else torch.zeros)((n, d), dtype=torch.float32, device=x.device)
     dweight = torch.empty_like(weight)
     db32 = torch.empty((vocab if has_bias else 0,), dtype=torch.float32, device=x.device)
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 1.0)
@@ -394,7 +397,7 @@ def linear_cross_entropy_bwd(dloss, x, weight, bias, target, lse, ignore_index: 
             _gemm(z, x, w.t(), add=bias.narrow(0, v0, c) if bias is not None else None)
             _launch_dz(z, target, lse, dloss, v0, vocab, opts, softcap is not None)
             _gemm(dweight.narrow(0, v0, c), z.t(), x)
-            _gemm(dx, z, w, accumulate=v0 > 0)
+            _gemm(dx, z, w, accumulate=v0 > 0 or not f32)
             if has_bias:
                 torch.sum(z, 0, dtype=torch.float32, out=db32.narrow(0, v0, c))
     dbias = db32.to(bias.dtype) if has_bias else x.new_empty((0,))
