@@ -1,12 +1,16 @@
 // CUDA element-wise kernels of the LayerNorm + feed-forward op (contract: layernorm_mlp.h).
 //
-// Layout: a block of 256 threads covers 256 consecutive columns of act (and the matching gate /
-// up columns of pre) for one chunk of kSumRows rows; grid (ceil(h / 256), ceil(rows / kSumRows)).
-// Thread j walks its column down the chunk, so a warp reads and writes 32 consecutive elements
-// per row (coalesced), and the column sums of the backward are plain per-thread float32 sums,
-// one partial per chunk, reduced in chunk order by reduce_partials: deterministic, no atomics.
+// Layout of the activation kernels: a block of 128 threads covers 128 x VEC consecutive columns of
+// act (and the matching gate / up columns of pre) for one chunk of kSumRows rows; grid
+// (ceil(h / (128 VEC)), ceil(rows / kSumRows)). Each thread walks its VEC columns down the chunk,
+// so a warp moves 32 consecutive packs per row (coalesced), and the column sums of the backward are
+// plain per-thread float32 sums, one partial per chunk, reduced in chunk order by reduce_partials:
+// deterministic, no atomics. column_sum_kernel: 256 threads, one column each.
 // Memory traffic per (row, column of act): forward reads pre (2 values when gated), writes act
 // (and pre when a bias is added); backward reads pre and d(act), writes d(pre) and act.
+#include <cstdint>
+#include <initializer_list>
+
 #include "cuda/layer_norm_common.cuh"
 #include "cuda/layernorm_mlp.h"
 
@@ -53,77 +57,135 @@ __device__ __forceinline__ float rounded(float v) {
   return to_float(from_float<T>(v));
 }
 
-template <typename T, Activation A>
-__global__ void __launch_bounds__(kThreads) act_fwd_kernel(T* __restrict__ pre, const T* __restrict__ bias,
-                                                           T* __restrict__ act, int64_t rows, int64_t h) {
-  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= h) return;
-  const int64_t cols = gated(A) ? 2 * h : h;
-  const int64_t r0 = int64_t(blockIdx.y) * kSumRows;
-  const int64_t r1 = r0 + kSumRows < rows ? r0 + kSumRows : rows;
-  const float ba = bias != nullptr ? to_float(bias[j]) : 0.0f;
-  const float bb = gated(A) && bias != nullptr ? to_float(bias[h + j]) : 0.0f;
-  for (int64_t i = r0; i < r1; ++i) {
-    T* p = pre + i * cols;
-    float a = to_float(p[j]);
-    if (bias != nullptr) {
-      a = rounded<T>(a + ba);
-      p[j] = from_float<T>(a);
-    }
-    float f, df;
-    terms<A>(a, &f, &df);
-    if constexpr (gated(A)) {
-      float b = to_float(p[h + j]);
-      if (bias != nullptr) {
-        b = rounded<T>(b + bb);
-        p[h + j] = from_float<T>(b);
-      }
-      f *= b;
-    }
-    act[i * h + j] = from_float<T>(f);
+// Element-wise kernels: thread t of a block owns VEC consecutive columns of act (and the matching
+// gate / up columns of pre) for the kSumRows rows of its chunk, moved as one 16-byte Pack when the
+// width and the pointers allow (VEC = 8 for bf16 / fp16, 4 for fp32), else one element (VEC = 1).
+// Rows go kRowBatch at a time, every load of the batch issued before any store: with few bytes in
+// flight per thread (one 2-byte element of one row, as this file's first kernels had) an H200 streams
+// a small fraction of its bandwidth; here up to 2 x 4 x 16 bytes per thread are in flight.
+constexpr int kActThreads = 128;
+constexpr int kRowBatch = 4;
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_or_zero(const T* p, float (&out)[VEC]) {
+  if (p != nullptr) {
+    detail::load<T, VEC>(p, out);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = 0.0f;
   }
 }
 
-template <typename T, Activation A>
-__global__ void __launch_bounds__(kThreads) act_bwd_kernel(const T* __restrict__ pre, const T* __restrict__ bias,
-                                                           T* __restrict__ dact_act, T* __restrict__ dpre,
-                                                           float* __restrict__ partial, int64_t rows, int64_t h) {
-  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+template <typename T, Activation A, int VEC>
+__global__ void __launch_bounds__(kActThreads) act_fwd_kernel(T* __restrict__ pre, const T* __restrict__ bias,
+                                                              T* __restrict__ act, int64_t rows, int64_t h) {
+  const int64_t j = (int64_t(blockIdx.x) * kActThreads + threadIdx.x) * VEC;
   if (j >= h) return;
   const int64_t cols = gated(A) ? 2 * h : h;
   const int64_t r0 = int64_t(blockIdx.y) * kSumRows;
   const int64_t r1 = r0 + kSumRows < rows ? r0 + kSumRows : rows;
-  const float ba = bias != nullptr ? to_float(bias[j]) : 0.0f;
-  const float bb = gated(A) && bias != nullptr ? to_float(bias[h + j]) : 0.0f;
-  float sa = 0.0f, sb = 0.0f;
-  for (int64_t i = r0; i < r1; ++i) {
-    const T* p = pre + i * cols;
-    T* dp = dpre + i * cols;
-    float a = to_float(p[j]);
-    if (bias != nullptr) a = rounded<T>(a + ba);
-    const float g = to_float(dact_act[i * h + j]);
-    float f, df;
-    terms<A>(a, &f, &df);
-    if constexpr (gated(A)) {
-      float b = to_float(p[h + j]);
-      if (bias != nullptr) b = rounded<T>(b + bb);
-      dact_act[i * h + j] = from_float<T>(f * b);
-      const float da = g * b * df, db = g * f;
-      dp[j] = from_float<T>(da);
-      dp[h + j] = from_float<T>(db);
-      sa += da;
-      sb += db;
-    } else {
-      dact_act[i * h + j] = from_float<T>(f);
-      const float da = g * df;
-      dp[j] = from_float<T>(da);
-      sa += da;
+  float ba[VEC], bb[VEC];
+  load_or_zero<T, VEC>(bias != nullptr ? bias + j : nullptr, ba);
+  load_or_zero<T, VEC>(gated(A) && bias != nullptr ? bias + h + j : nullptr, bb);
+  for (int64_t i0 = r0; i0 < r1; i0 += kRowBatch) {
+    float a[kRowBatch][VEC], b[kRowBatch][VEC];
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {  // past the chunk's end: the last row again (loaded, unused)
+      const int64_t i = i0 + u < r1 ? i0 + u : r1 - 1;
+      detail::load<T, VEC>(pre + i * cols + j, a[u]);
+      if constexpr (gated(A)) detail::load<T, VEC>(pre + i * cols + h + j, b[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {
+      if (i0 + u >= r1) continue;
+      T* p = pre + (i0 + u) * cols;
+      if (bias != nullptr) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) a[u][v] = rounded<T>(a[u][v] + ba[v]);
+        detail::store<T, VEC>(p + j, a[u]);
+        if constexpr (gated(A)) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) b[u][v] = rounded<T>(b[u][v] + bb[v]);
+          detail::store<T, VEC>(p + h + j, b[u]);
+        }
+      }
+      float out[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        float f, df;
+        terms<A>(a[u][v], &f, &df);
+        if constexpr (gated(A)) f *= b[u][v];
+        out[v] = f;
+      }
+      detail::store<T, VEC>(act + (i0 + u) * h + j, out);
+    }
+  }
+}
+
+template <typename T, Activation A, int VEC>
+__global__ void __launch_bounds__(kActThreads) act_bwd_kernel(const T* __restrict__ pre, const T* __restrict__ bias,
+                                                              T* __restrict__ dact_act, T* __restrict__ dpre,
+                                                              float* __restrict__ partial, int64_t rows, int64_t h) {
+  const int64_t j = (int64_t(blockIdx.x) * kActThreads + threadIdx.x) * VEC;
+  if (j >= h) return;
+  const int64_t cols = gated(A) ? 2 * h : h;
+  const int64_t r0 = int64_t(blockIdx.y) * kSumRows;
+  const int64_t r1 = r0 + kSumRows < rows ? r0 + kSumRows : rows;
+  float ba[VEC], bb[VEC], sa[VEC], sb[VEC];
+  load_or_zero<T, VEC>(bias != nullptr ? bias + j : nullptr, ba);
+  load_or_zero<T, VEC>(gated(A) && bias != nullptr ? bias + h + j : nullptr, bb);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = 0.0f;
+  for (int64_t i0 = r0; i0 < r1; i0 += kRowBatch) {
+    float a[kRowBatch][VEC], b[kRowBatch][VEC], g[kRowBatch][VEC];
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {  // past the chunk's end: the last row again (loaded, unused)
+      const int64_t i = i0 + u < r1 ? i0 + u : r1 - 1;
+      detail::load<T, VEC>(pre + i * cols + j, a[u]);
+      if constexpr (gated(A)) detail::load<T, VEC>(pre + i * cols + h + j, b[u]);
+      detail::load<T, VEC>(dact_act + i * h + j, g[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowBatch; ++u) {
+      if (i0 + u >= r1) continue;
+      float f_out[VEC], da[VEC], db[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        float x = a[u][v];
+        if (bias != nullptr) x = rounded<T>(x + ba[v]);
+        float f, df;
+        terms<A>(x, &f, &df);
+        if constexpr (gated(A)) {
+          float y = b[u][v];
+          if (bias != nullptr) y = rounded<T>(y + bb[v]);
+          f_out[v] = f * y;
+          da[v] = g[u][v] * y * df;
+          db[v] = g[u][v] * f;
+        } else {
+          f_out[v] = f;
+          da[v] = g[u][v] * df;
+          db[v] = 0.0f;
+        }
+      }
+      T* dp = dpre + (i0 + u) * cols;
+      detail::store<T, VEC>(dp + j, da);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sa[v] += da[v];
+      if constexpr (gated(A)) {
+        detail::store<T, VEC>(dp + h + j, db);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) sb[v] += db[v];
+      }
+      detail::store<T, VEC>(dact_act + (i0 + u) * h + j, f_out);
     }
   }
   if (partial != nullptr) {
     float* out = partial + int64_t(blockIdx.y) * cols;
-    out[j] = sa;
-    if constexpr (gated(A)) out[h + j] = sb;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      out[j + v] = sa[v];
+      if constexpr (gated(A)) out[h + j + v] = sb[v];
+    }
   }
 }
 
@@ -152,6 +214,23 @@ dim3 grid_for(int64_t cols, int64_t rows) {
   return dim3(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(sum_chunks(rows)));
 }
 
+// The element-wise kernels' grid: (column groups of kActThreads x vec, row chunks).
+dim3 act_grid(int64_t h, int64_t rows, int vec) {
+  const int64_t per_block = int64_t(kActThreads) * vec;
+  return dim3(static_cast<unsigned>((h + per_block - 1) / per_block), static_cast<unsigned>(sum_chunks(rows)));
+}
+
+// 16-byte packs fit when h is a multiple of the pack (then every row, and the up half of a gated
+// row, starts 16-byte aligned) and every base pointer is 16-byte aligned.
+template <typename T>
+bool packs_fit(int64_t h, std::initializer_list<const void*> pointers) {
+  if (h % (16 / int64_t(sizeof(T))) != 0) return false;
+  for (const void* p : pointers) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
 // One launch per (T, activation) instance; the switch picks the instance for the runtime values.
 struct FwdLaunch {
   void* pre;
@@ -161,8 +240,14 @@ struct FwdLaunch {
   cudaStream_t stream;
   template <typename T, Activation A>
   void run() const {
-    act_fwd_kernel<T, A><<<grid_for(h, rows), kThreads, 0, stream>>>(
-        static_cast<T*>(pre), static_cast<const T*>(bias), static_cast<T*>(act), rows, h);
+    constexpr int kVec = 16 / sizeof(T);
+    if (packs_fit<T>(h, {pre, bias, act})) {
+      act_fwd_kernel<T, A, kVec><<<act_grid(h, rows, kVec), kActThreads, 0, stream>>>(
+          static_cast<T*>(pre), static_cast<const T*>(bias), static_cast<T*>(act), rows, h);
+    } else {
+      act_fwd_kernel<T, A, 1><<<act_grid(h, rows, 1), kActThreads, 0, stream>>>(
+          static_cast<T*>(pre), static_cast<const T*>(bias), static_cast<T*>(act), rows, h);
+    }
   }
 };
 
@@ -176,9 +261,16 @@ struct BwdLaunch {
   cudaStream_t stream;
   template <typename T, Activation A>
   void run() const {
-    act_bwd_kernel<T, A><<<grid_for(h, rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(pre), static_cast<const T*>(bias), static_cast<T*>(dact_act), static_cast<T*>(dpre),
-        partial, rows, h);
+    constexpr int kVec = 16 / sizeof(T);
+    if (packs_fit<T>(h, {pre, bias, dact_act, dpre})) {
+      act_bwd_kernel<T, A, kVec><<<act_grid(h, rows, kVec), kActThreads, 0, stream>>>(
+          static_cast<const T*>(pre), static_cast<const T*>(bias), static_cast<T*>(dact_act), static_cast<T*>(dpre),
+          partial, rows, h);
+    } else {
+      act_bwd_kernel<T, A, 1><<<act_grid(h, rows, 1), kActThreads, 0, stream>>>(
+          static_cast<const T*>(pre), static_cast<const T*>(bias), static_cast<T*>(dact_act), static_cast<T*>(dpre),
+          partial, rows, h);
+    }
   }
 };
 
