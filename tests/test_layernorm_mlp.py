@@ -131,6 +131,18 @@ def test_layernorm_mlp_gpu_backends(backend, norm, activation, bias, residual, r
                recompute=recompute)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("h", [96, 100, 3])
+def test_layernorm_mlp_cuda_activation_pack_paths(activation, h):
+    """The CUDA activation kernels move 16-byte packs when h is a multiple of the pack (8 bf16 / fp16, 4
+    fp32), else one element: h = 96 packs for every dtype, 100 for fp32 only, 3 for none. 131 rows end in a
+    partial 64-row chunk and a partial batch of 4 rows; recompute passes the fc bias to the backward kernel."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for recompute in (False, True):
+            _check("cuda", (131, 48), h, dtype, activation=activation, recompute=recompute)
+
+
 @pytest.mark.parametrize("variant", [{"FUSEDLM_CPU_ISA": "scalar"}, {"FUSEDLM_CPU_ISA": "avx512"}],
                          ids=["scalar", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
