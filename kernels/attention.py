@@ -35,7 +35,7 @@ Head dims: BLOCK_D = next_power_of_2(D), and HEAD_DIM = D is a constexpr, so 80 
 columns while 64, 128 and 256 load whole rows (vectorised).
 
 Launch configuration: `_gpu_config` is one table per (head-dim bucket, 16- or 32-bit input) for sm_80 and
-sm_90; for the 16-bit forward at D <= 128 `_fwd_config` times a few candidate tiles per GPU family on the
+sm_90; for the 16-bit forward at 64 < D <= 128 `_fwd_config` times a few candidate tiles per GPU family on the
 first call of each class of shapes and keeps the fastest. Every entry and candidate is compiled by
 `static_report_specs()` (python -m fusedlm.gpu_report), causal and not, without spills.
 Under TRITON_INTERPRET=1 (CPU tensors) the blocks are 64 x 64: few programs, since the interpreter's

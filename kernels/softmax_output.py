@@ -54,7 +54,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.torch_version import TorchVersion
 
 from fusedlm.kernels import device_guard
 
@@ -65,7 +64,7 @@ SLAB_BYTES = 256 << 20  # backward: bytes of the (N, C) logits / dz buffer (test
 SLAB_ALIGN = 128  # slab widths C are multiples of this (but the last), so buffer rows stay aligned
 # addmm(..., out_dtype=torch.float32) with a float32 input to add to: CUDA, torch >= 2.9 (as
 # csrc/torch/checks.h's FUSEDLM_ADDMM_OUT_DTYPE).
-ADDMM_OUT_DTYPE = TorchVersion(torch.__version__) >= (2, 9)
+ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)  # 2.9 pre-releases too
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -155,8 +154,9 @@ def _lce_fwd_kernel(
             z = z.to(X_ptr.dtype.element_ty).to(tl.float32)
         c = _cap(z, softcap, SOFTCAP)
         c_max = tl.where(col_mask[None, :], c, float("-inf"))
-        mx_new = tl.maximum(mx, tl.max(c_max, 1))  # finite: every block holds a column < V
-        se = se * tl.math.exp2((mx - mx_new) * LOG2E) + tl.sum(tl.math.exp2((c_max - mx_new[:, None]) * LOG2E), 1)
+        mx_new = tl.maximum(mx, tl.max(c_max, 1))
+        shift = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # all -inf so far (a masked range): sums stay 0
+        se = se * tl.math.exp2((mx - shift) * LOG2E) + tl.sum(tl.math.exp2((c_max - shift[:, None]) * LOG2E), 1)
         mx = mx_new
         sc += tl.sum(tl.where(col_mask[None, :], c, 0.0), 1)
         ct += tl.sum(tl.where(cols[None, :] == t[:, None], c, 0.0), 1)
@@ -186,13 +186,15 @@ def _lce_fwd_combine_kernel(
         at = Part_ptr + s * n_rows + rows
         m_s = tl.load(at, mask=row_mask, other=0.0)
         mx_new = tl.maximum(mx, m_s)
-        se = se * tl.math.exp2((mx - mx_new) * LOG2E) + \
-            tl.load(at + plane, mask=row_mask, other=1.0) * tl.math.exp2((m_s - mx_new) * LOG2E)
+        shift = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # splits of -inf logits only: sums stay 0
+        se = se * tl.math.exp2((mx - shift) * LOG2E) + \
+            tl.load(at + plane, mask=row_mask, other=1.0) * tl.math.exp2((m_s - shift) * LOG2E)
         mx = mx_new
         sc += tl.load(at + 2 * plane, mask=row_mask, other=0.0)
         ct += tl.load(at + 3 * plane, mask=row_mask, other=0.0)
     lse = mx + tl.log(se)
-    loss = (1.0 - label_smoothing) * (lse - ct) + label_smoothing * (lse - sc / n_vocab) + z_loss * lse * lse
+    smooth = label_smoothing * tl.where(label_smoothing > 0, lse - sc / n_vocab, 0.0)  # sc = -inf with a -inf logit
+    loss = (1.0 - label_smoothing) * (lse - ct) + smooth + z_loss * lse * lse
     t = tl.load(T_ptr + rows, mask=row_mask, other=ignore_index)
     loss = tl.where(t == ignore_index, 0.0, tl.where((t >= 0) & (t < n_vocab), loss, float("nan")))
     tl.store(Loss_ptr + rows, loss, mask=row_mask)
@@ -264,7 +266,9 @@ def _tuned_fwd(low_precision: bool):
 def _tuned_dz():
     # restore_value: the kernel overwrites its input, so each autotune trial starts from the logits.
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in DZ_CONFIGS]
-    return triton.autotune(configs=configs, key=["n_rows", "n_cols"], restore_value=["Z_ptr"])(_lce_bwd_dz_kernel)
+    # key: none but the dtypes (Triton adds them): one tuning per process and dtype, on the first call's
+    # shape. Keyed on the shape, a run whose token count changes every step would retune every step.
+    return triton.autotune(configs=configs, key=[], restore_value=["Z_ptr"])(_lce_bwd_dz_kernel)
 
 
 def _launch_fwd(x: torch.Tensor, vocab: int, grid, args: tuple, flags: dict) -> None:

@@ -36,8 +36,9 @@ inline float cap(float z, float softcap) { return softcap > 0.f ? softcap * std:
 
 // loss from the row statistics; c_t is the (soft-capped) target logit.
 inline float row_loss(float lse, float c_t, float sum_c, int64_t vocab, const CrossEntropyTileArgs& a) {
-  const float eps = a.label_smoothing;
-  return (1.f - eps) * (lse - c_t) + eps * (lse - sum_c / float(vocab)) + a.z_loss * lse * lse;
+  const float eps = a.label_smoothing;  // eps == 0 adds nothing, even where a logit is -inf (sum_c = -inf)
+  const float smooth = eps > 0.f ? eps * (lse - sum_c / float(vocab)) : 0.f;
+  return (1.f - eps) * (lse - c_t) + smooth + a.z_loss * lse * lse;
 }
 
 // --- scalar rows -------------------------------------------------------------------------------
@@ -55,8 +56,9 @@ BlockStats fwd_row_scalar(float* z, int64_t cols, float softcap) {
     mx = std::max(mx, c);
     sc += c;
   }
+  const float shift = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;  // a block of -inf: sum 0
   float s = 0.f;
-  for (int64_t v = 0; v < cols; ++v) s += std::exp(z[v] - mx);
+  for (int64_t v = 0; v < cols; ++v) s += std::exp(z[v] - shift);
   return {mx, s, sc};
 }
 
@@ -110,7 +112,8 @@ BlockStats fwd_row_avx512(float* z, int64_t cols, float softcap) {
     sc = _mm512_mask_add_ps(sc, m, sc, c);
   }
   const float row_max = _mm512_reduce_max_ps(mx);
-  const __m512 vmax = _mm512_set1_ps(row_max);
+  // a block of -inf logits (a masked vocabulary range): exp(-inf - 0) = 0, not exp(-inf + inf)
+  const __m512 vmax = _mm512_set1_ps(row_max == -std::numeric_limits<float>::infinity() ? 0.f : row_max);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains in flight
   int64_t v = 0;
   for (; v + 32 <= cols; v += 32) {
@@ -173,7 +176,9 @@ void cross_entropy_tile_fwd(const CrossEntropyTileArgs& a) {
       st = {b.max_c, b.sum_exp, b.sum_c, 0.f};
     } else {  // online log-sum-exp: rescale both sums to the larger max
       const float mx = std::max(st.max_c, b.max_c);
-      st.sum_exp = st.sum_exp * std::exp(st.max_c - mx) + b.sum_exp * std::exp(b.max_c - mx);
+      if (mx != -std::numeric_limits<float>::infinity()) {  // else both sums are 0
+        st.sum_exp = st.sum_exp * std::exp(st.max_c - mx) + b.sum_exp * std::exp(b.max_c - mx);
+      }
       st.max_c = mx;
       st.sum_c += b.sum_c;
     }

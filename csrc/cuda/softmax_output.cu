@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) slab_fwd(const T* __restrict__ logit
     if (c > m) {
       s = s * expf(m - c) + 1.f;
       m = c;
-    } else {
+    } else if (c > -INFINITY) {  // a -inf logit (masked vocabulary) adds 0, also while m is -inf
       s += expf(c - m);
     }
     sum_c += c;
@@ -88,7 +88,8 @@ __global__ void __launch_bounds__(kThreads) slab_fwd(const T* __restrict__ logit
   const float row_lse = st.x + logf(st.y);
   lse[row] = row_lse;
   if (kind == kValid) {
-    loss[row] = (1.f - eps) * (row_lse - st.w) + eps * (row_lse - st.z / float(vocab)) + z_loss * row_lse * row_lse;
+    const float smooth = eps > 0.f ? eps * (row_lse - st.z / float(vocab)) : 0.f;  // st.z is -inf if a logit is
+    loss[row] = (1.f - eps) * (row_lse - st.w) + smooth + z_loss * row_lse * row_lse;
   } else {
     loss[row] = kind == kIgnored ? 0.f : __int_as_float(0x7fc00000);  // NaN marks a bad target
   }
