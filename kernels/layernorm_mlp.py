@@ -252,10 +252,10 @@ def _linear_kernel(
 
 # --- launch configuration --------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class (_config_class); GROUP_M = 8. Every entry compiles for
-# sm_90a and sm_80 with no spill (static_report_specs()): an sm_90 entry must also fit sm_80 and vice versa,
-# since the report compiles each for both. 16-bit entries have BLOCK_M >= 64 and 4-warp multiples, which
-# wgmma (HGMMA) needs on sm_90a. WIDE: one accumulator (_linear_kernel, _dweight_kernel). NARROW: the fc and
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per class (_config_class); GROUP_M = 8. Every entry compiles
+# with no spill (static_report_specs()) for the archs its class runs on: "sm90" entries for sm_90a, "sm80" ones
+# for sm_80, the others for both. 16-bit entries have BLOCK_M >= 64 and 4-warp multiples, which wgmma (HGMMA)
+# needs on sm_90a. WIDE: one accumulator (_linear_kernel, _dweight_kernel). NARROW: the fc and
 # dpre kernels, which hold up to two (fc gated) or three (dpre gated and recomputing) accumulator tiles.
 # Pruned because they spill (stack bytes sm_90a / sm_80, bf16, the heaviest variant):
 #   fc   128x128x64 8 warps (0 / 3856), 128x64x64 4 warps (40 / 216), 64x128x64 4 warps (40 / 128),
@@ -267,7 +267,7 @@ def _linear_kernel(
 # spills there (wide 16-bit 8-1848 bytes, fc / dpre 8-1040, fp32 64x64 16). Their entries run one or two
 # stages on small tiles; fc / dpre 16-bit need 64x32 (64x64x16 one stage: 8-256 bytes).
 WIDE = {
-    "sm90": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)),
+    "sm90": ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)),
     "sm80": ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)),
     "fp32": ((64, 64, 16, 4, 2), (32, 64, 16, 4, 2)),
     "odd16": ((128, 64, 32, 8, 1), (64, 64, 32, 4, 2)),
@@ -280,6 +280,10 @@ NARROW = {
     "odd16": ((64, 32, 32, 4, 1), (64, 32, 16, 4, 1)),
     "odd32": ((32, 64, 16, 4, 1), (32, 32, 16, 4, 1)),
 }
+# The fc kernel on sm_90a also fits 128x128 tiles (two accumulators of 64 floats a thread at 8 warps: 253
+# registers, no spill with Triton 3.6 and 3.9); the dpre kernel, with up to three, does not (512-900 bytes).
+FC = {**NARROW, "sm90": NARROW["sm90"] + ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4))}
+ARCHS_OF_CLASS = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}  # the other classes run on both
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
 MAX_STATS_BLOCK = 1024
@@ -333,7 +337,7 @@ def _tuned(fn, table, key):
                                  prune_configs_by={"early_config_prune": prune})(fn)
 
 
-_tuned(_fc_fwd_kernel, NARROW, ["d", "h", "GATED", "STORE_PRE"])
+_tuned(_fc_fwd_kernel, FC, ["d", "h", "GATED", "STORE_PRE"])
 _tuned(_linear_kernel, WIDE, ["n_cols", "n_inner", "B_ROWS_N"])
 
 
@@ -479,9 +483,10 @@ def _gemm_specs(variants) -> list[dict]:
                     continue
                 for bm, bn, bk, warps, stages in entries:
                     tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}
-                    specs.append(_spec(fn, dtype, warps, stages, {**flags, **tile}, types,
-                                       f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32",
-                                       aligned=not cls.startswith("odd")))
+                    spec = _spec(fn, dtype, warps, stages, {**flags, **tile}, types,
+                                 f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32",
+                                 aligned=not cls.startswith("odd"))
+                    specs.append({**spec, "archs": ARCHS_OF_CLASS[cls]} if cls in ARCHS_OF_CLASS else spec)
     return specs
 
 

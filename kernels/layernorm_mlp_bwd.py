@@ -112,7 +112,10 @@ def _dweight_kernel(
 
 
 _tuned(_dpre_kernel, NARROW, ["d", "h", "GATED", "RECOMPUTE"])
-_tuned(_dweight_kernel, WIDE, ["n_a", "n_b", "NORM_B"])
+# dW on sm_90a also fits 128x256 tiles (246-254 registers, no spill with Triton 3.6 and 3.9; the proj GEMM
+# with its bias and residual epilogue spills there, hence a table of its own).
+DWEIGHT = {**WIDE, "sm90": WIDE["sm90"] + ((128, 256, 64, 8, 3),)}
+_tuned(_dweight_kernel, DWEIGHT, ["n_a", "n_b", "NORM_B"])
 
 
 # --- launcher ------------------------------------------------------------------------------------
