@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/version.h>
 
+#include <optional>
 #include <string>
 
 // at::addmm_out with an out_dtype (16-bit inputs, float32 accumulation and output in one cuBLAS
@@ -60,6 +61,33 @@ inline void check_matrix(const char* op, const char* name, const at::Tensor& t, 
               " tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (M, N), got shape ", shape_str(t.sizes()));
   TORCH_CHECK(t.size(1) > 0, op, ": ", name, " must have at least one column, got shape ", shape_str(t.sizes()));
+}
+
+// The vocabulary projection's arguments (linear_cross_entropy, lm_head_softmax): x (N, d), weight
+// (V, d) with V, d > 0, bias (V,) or none, one float dtype (fp16 only when allow_half), on one
+// device of device_type. Returns x's dtype.
+inline at::ScalarType check_projection(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, at::DeviceType device_type,
+                                       bool allow_half) {
+  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", at::Device(device_type),
+              " tensor, got device ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, d), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (V, d), got shape ", shape_str(weight.sizes()));
+  const at::ScalarType dt = x.scalar_type();
+  if (allow_half) {
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+                ": x must be float32, bfloat16 or float16, got ", dt);
+  } else {
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, op, ": x must be float32 or bfloat16 on the ",
+                at::Device(device_type), ", got ", dt);
+  }
+  const int64_t d = x.size(1), vocab = weight.size(0);
+  TORCH_CHECK(vocab > 0 && d > 0, op, ": weight must have shape (V, d) with V, d > 0, got ",
+              shape_str(weight.sizes()));
+  check_arg(op, "x", x, x.device(), x.sizes(), dt, "");
+  check_arg(op, "weight", weight, x.device(), {vocab, d}, dt, " (V, d) with d from x");
+  if (bias.has_value()) check_arg(op, "bias", *bias, x.device(), {vocab}, dt, " (V,)");
+  return dt;
 }
 
 }  // namespace checks

@@ -40,25 +40,8 @@ template <typename RowsFn>
 Tensor forward(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                double temperature, at::DeviceType device_type, bool allow_half, int64_t chunk_bytes,
                RowsFn rows_fn) {
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", at::Device(device_type),
-              " tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, d), got shape ", checks::shape_str(x.sizes()));
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (V, d), got shape ", checks::shape_str(weight.sizes()));
-  const at::ScalarType dt = x.scalar_type();
-  if (allow_half) {
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
-                ": x must be float32, bfloat16 or float16, got ", dt);
-  } else {
-    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, op, ": x must be float32 or bfloat16 on the ",
-                at::Device(device_type), ", got ", dt);
-  }
-  const int64_t n = x.size(0), d = x.size(1), vocab = weight.size(0);
-  TORCH_CHECK(vocab > 0 && d > 0, op, ": weight must have shape (V, d) with V, d > 0, got ",
-              checks::shape_str(weight.sizes()));
-  const at::Device dev = x.device();
-  checks::check_arg(op, "x", x, dev, x.sizes(), dt, "");
-  checks::check_arg(op, "weight", weight, dev, {vocab, d}, dt, " (V, d) with d from x");
-  if (bias.has_value()) checks::check_arg(op, "bias", *bias, dev, {vocab}, dt, " (V,)");
+  const at::ScalarType dt = checks::check_projection(op, x, weight, bias, device_type, allow_half);
+  const int64_t n = x.size(0), vocab = weight.size(0);
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", std::to_string(temperature));
   const float inv_t = static_cast<float>(1.0 / temperature);
 

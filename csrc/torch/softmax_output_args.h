@@ -23,21 +23,9 @@ struct Problem {
 
 inline Problem check_inputs(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                             const Tensor& target, at::DeviceType device_type) {
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", at::Device(device_type),
-              " tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, d), got shape ", checks::shape_str(x.sizes()));
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (V, d), got shape ", checks::shape_str(weight.sizes()));
-  const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", dt);
+  const at::ScalarType dt = checks::check_projection(op, x, weight, bias, device_type, /*allow_half=*/true);
   const int64_t n = x.size(0), d = x.size(1), vocab = weight.size(0);
-  TORCH_CHECK(vocab > 0 && d > 0, op, ": weight must have shape (V, d) with V, d > 0, got ",
-              checks::shape_str(weight.sizes()));
-  const at::Device dev = x.device();
-  checks::check_arg(op, "x", x, dev, x.sizes(), dt, "");
-  checks::check_arg(op, "weight", weight, dev, {vocab, d}, dt, " (V, d) with d from x");
-  if (bias.has_value()) checks::check_arg(op, "bias", *bias, dev, {vocab}, dt, " (V,)");
-  checks::check_arg(op, "target", target, dev, {n}, at::kLong, " (the rows of x)");
+  checks::check_arg(op, "target", target, x.device(), {n}, at::kLong, " (the rows of x)");
   return {n, d, vocab, dt != at::kFloat};
 }
 
