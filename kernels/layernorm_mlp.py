@@ -24,8 +24,9 @@ writes act + dpre + dxn and reads them once more (plus pre_act, unless recompute
 
 Launch configuration: on a GPU every GEMM kernel is @triton.autotune'd over a short list per class
 (WIDE / NARROW: "sm90" 16-bit, "sm80" 16-bit, "fp32" IEEE dots on FMA units), pruned at launch to the class
-of the input dtype and the device; every listed entry compiles for sm_90a and sm_80 without spills and,
-16-bit, with HGMMA / HMMA (static_report_specs(), python -m fusedlm.gpu_report). Under TRITON_INTERPRET=1
+of the input dtype and the device; every listed entry compiles without spills for the archs of its class
+(sm90: sm_90a, sm80: sm_80, the others both) and, 16-bit, with HGMMA / HMMA (static_report_specs(),
+python -m fusedlm.gpu_report). Under TRITON_INTERPRET=1
 (CPU tensors) no autotuning: one large-block configuration sized to the problem, so few programs run.
 """
 from __future__ import annotations
