@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlm.kernels import device_guard
+from fusedlm.kernels import REPORT_ARCHS, device_guard, gpu_family
 
 OP = "attention"
 LOG2E = 1.4426950408889634
@@ -384,7 +384,6 @@ _GPU_FWD_CANDIDATES = {
     ("sm90", 128, True): ((128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2)),
     ("sm80", 128, True): ((64, 64, 8, 2), (64, 32, 4, 3)),
 }
-_ARCH_OF_FAMILY = {"sm90": "sm_90a", "sm80": "sm_80"}
 _FWD_CHOICE: dict = {}  # the class key of `_fwd_config` -> the chosen configuration
 
 
@@ -425,8 +424,7 @@ def _fwd_config(q: torch.Tensor, n_k: int, block_d: int, causal: bool, launch) -
     processes when candidates time alike, and with it the forward's last bits."""
     if not q.is_cuda:
         return _config(q, block_d, "fwd")
-    family = "sm90" if torch.cuda.get_device_capability(q.device)[0] == 9 else "sm80"
-    candidates = _GPU_FWD_CANDIDATES.get((family, _bucket(block_d), q.dtype != torch.float32))
+    candidates = _GPU_FWD_CANDIDATES.get((gpu_family(q.device.index or 0), _bucket(block_d), q.dtype != torch.float32))
     if candidates is None:
         return _config(q, block_d, "fwd")
     b, hq, n_q, _ = q.shape
@@ -545,7 +543,7 @@ def static_report_specs() -> list[dict]:
             common = {"CAUSAL": causal, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "IEEE": dtype == "fp32"}
             default = _gpu_config(block_d, dtype, "fwd")
             fwd = [(default, None)] + [
-                (config, (_ARCH_OF_FAMILY[family],))
+                (config, REPORT_ARCHS[family])
                 for (family, bucket, low), configs in _GPU_FWD_CANDIDATES.items()
                 if bucket == _bucket(block_d) and low == (dtype != "fp32") for config in configs if config != default]
             for (bm, bn, warps, stages), archs in fwd:

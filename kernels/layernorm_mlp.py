@@ -31,13 +31,12 @@ python -m fusedlm.gpu_report). Under TRITON_INTERPRET=1
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedlm.kernels import device_guard
+from fusedlm.kernels import REPORT_ARCHS, device_guard, gpu_family
 from fusedlm.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 OP = "layernorm_mlp"
@@ -284,18 +283,11 @@ NARROW = {
 # The fc kernel on sm_90a also fits 128x128 tiles (two accumulators of 64 floats a thread at 8 warps: 253
 # registers, no spill with Triton 3.6 and 3.9); the dpre kernel, with up to three, does not (512-900 bytes).
 FC = {**NARROW, "sm90": NARROW["sm90"] + ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4))}
-ARCHS_OF_CLASS = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}  # the other classes run on both
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
 MAX_STATS_BLOCK = 1024
 INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, INTERPRET_BLOCK_K = 128, 256, 128
 INTERPRET_STATS_TILE = 32768
-
-
-@functools.lru_cache(None)
-def _capability(index: int) -> int:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major
 
 
 # the widths among the kernels' arguments: aligned when all are multiples of 16 (n_rows need not be)
@@ -313,7 +305,7 @@ def _config_class(named_args: dict) -> str:
         return "fp32" if aligned else "odd32"
     if not aligned:
         return "odd16"
-    return "sm90" if _capability(t.device.index or 0) >= 9 else "sm80"
+    return gpu_family(t.device.index or 0)
 
 
 _TUNED = {}  # plain kernel -> its autotuned launcher (GPU)
@@ -487,7 +479,7 @@ def _gemm_specs(variants) -> list[dict]:
                     spec = _spec(fn, dtype, warps, stages, {**flags, **tile}, types,
                                  f"{cls}: {bm}x{bn}x{bk}, {warps} warps, {stages} stages", dtype != "fp32",
                                  aligned=not cls.startswith("odd"))
-                    specs.append({**spec, "archs": ARCHS_OF_CLASS[cls]} if cls in ARCHS_OF_CLASS else spec)
+                    specs.append({**spec, "archs": REPORT_ARCHS[cls]} if cls in REPORT_ARCHS else spec)
     return specs
 
 
