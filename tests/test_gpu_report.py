@@ -75,6 +75,9 @@ def static_report_specs():
         _spec(_spilling_softmax, {"X_ptr": "*fp32", "Y_ptr": "*fp32"}, {"BLOCK_SIZE": 8192}, 1, "fp16",
               pruned="spills at one warp"),
         _spec(_scale, {"X_ptr": "*fp32", "Y_ptr": "*fp32", "n": "i32"}, {"BLOCK_SIZE": 1024}, 4, "fp32"),
+        # a configuration only sm_80 launches (a family's own table entry): compiled for sm_80 alone
+        _spec(_scale, {"X_ptr": "*fp16", "Y_ptr": "*fp16", "n": "i32"}, {"BLOCK_SIZE": 1024}, 4, "fp16",
+              archs=("sm_80",)),
         _spec(_tile_dot, {"A_ptr": "*fp16", "B_ptr": "*fp16", "C_ptr": "*fp32"},
               {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, "fp16", uses_tensor_cores=True),
     ]
@@ -130,6 +133,14 @@ def test_plain_kernel_passes_on_both_archs(report):
     assert len(failures) == 2
     assert "_scale" in failures[0] and "sm_90a" in failures[0] and "0 HGMMA" in failures[0]
     assert "sm_80" in failures[1] and "0 HMMA" in failures[1]
+
+
+@needs_tools
+def test_spec_with_archs_compiles_for_those_only(report):
+    _, _, records, _ = report
+    assert records[("_scale", "fp16", "sm_80")].error is None
+    assert ("_scale", "fp16", "sm_90a") not in records
+    assert ("_scale", "fp32", "sm_90a") in records  # without "archs": both
 
 
 @needs_tools

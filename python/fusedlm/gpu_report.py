@@ -23,8 +23,8 @@ thread, shared memory per block (static + Triton's dynamic), tensor-core instruc
 and the theoretical occupancy (resident warps per SM) from registers, shared memory and block size.
 
 What it checks (exit 1 naming the kernel, configuration, arch and number): every kernel compiles
-for both archs (a spec with an "archs" list: for those, as a configuration only they launch); stack bytes are 0; shared memory fits the per-block limit (227 KiB sm_90, 163 KiB
-sm_80); a kernel marked as multiplying 16-bit matrices shows HGMMA on sm_90a and HMMA on sm_80
+for both archs (a spec with an "archs" list, a configuration only those GPUs launch: for those);
+stack bytes are 0; shared memory fits the per-block limit (227 KiB sm_90, 163 KiB sm_80); a kernel marked as multiplying 16-bit matrices shows HGMMA on sm_90a and HMMA on sm_80
 (or its marker's OP on both).
 It proves what the compiler emits; it is not a timing.
 """
