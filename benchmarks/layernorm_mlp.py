@@ -5,8 +5,8 @@ x (tokens, d) and every parameter are leaves that need a gradient (a training st
 shape is (tokens, d, h).
 
 Providers:
-    fusedlm[cpu] / fusedlm[cuda] / fusedlm[triton]        recompute=False (saves x, statistics, pre_act)
-    ... + ",recompute" variants                           recompute=True (saves x and the statistics)
+    fusedlm[cpu] / fusedlm[cuda] / fusedlm[triton]        recompute=False (saves x and pre_act)
+    ... + ",recompute" variants                           recompute=True (saves x)
     eager           nn.LayerNorm + nn.Linear + GELU + nn.Linear + add, as F.* calls (the baseline)
     compile(eager)  torch.compile of it
     six GEMMs       y = (x fc_w^T) proj_w^T with autograd: exactly the sub-block's two forward and four

@@ -15,10 +15,12 @@ Forward (3 launches):
 Backward (kernels/layernorm_mlp_bwd.py): dact = dy @ proj_w with act'(u) fused in its epilogue (u read from
 pre_act, or recomputed in the same program with the norm applied on load) giving dpre; dproj_w = dy^T @ act
 and dfc_w = dpre^T @ norm(x) with their bias column sums; dxn = dpre @ fc_w; the norm's backward with the
-residual's gradient added (kernels/layer_norm.py). Every gradient is deterministic (no atomics).
+residual's gradient added (kernels/layer_norm.py); first of all the forward's _row_stats_kernel again
+(the statistics are not saved). Every gradient is deterministic (no atomics).
 
-Memory (s = bytes per element): saved for backward x, mean + rstd (8 M bytes) and, unless recompute,
-pre_act (M F s). Transients: forward act (M h s); backward act (M h s), dpre (M F s), dxn (4 M d).
+Memory (s = bytes per element): saved for backward x and, unless recompute, pre_act (M F s); the backward
+runs the statistics pass again rather than keep mean + rstd. Transients: forward act (M h s); backward
+mean + rstd (8 M bytes), act (M h s), dpre (M F s), dxn (4 M d).
 Traffic beyond the GEMMs' own operand reads: forward writes pre_act + act and reads act once; backward
 writes act + dpre + dxn and reads them once more (plus pre_act, unless recomputed).
 
@@ -404,10 +406,7 @@ def layernorm_mlp_fwd(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight
     act = x.new_empty((m, h))  # transient: proj's A operand
     norm = dict(HAS_NORM_BIAS=norm_bias is not None, RMS=rms)
     with device_guard(OP, x):
-        block_rows, block_d = _stats_blocks(d, m, x.is_cuda)
-        _row_stats_kernel[(triton.cdiv(m, block_rows),)](
-            x, rstd if rms else mean, rstd, m, d, eps, RMS=rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-            num_warps=4)
+        row_stats(x, mean, rstd, eps, rms)
         _gemm(_fc_fwd_kernel, x, m, h, d,
               (x, rstd if rms else mean, rstd, norm_weight, _or(norm_bias, norm_weight), fc_weight,
                _or(fc_bias, fc_weight), act if recompute else pre, act, m, d, h),
@@ -418,14 +417,23 @@ def layernorm_mlp_fwd(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight
     return y, mean, rstd, pre
 
 
-def layernorm_mlp_bwd(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
-                      pre_act, eps: float, rms: bool, activation: str, residual: bool):
+def row_stats(x, mean, rstd, eps: float, rms: bool) -> None:
+    """mean (M,) (unused for rmsnorm) and rstd (M,) of x's rows, float32, into the given tensors; the
+    forward's statistics pass, which the backward runs again (the same bits) instead of saving them."""
+    m, d = x.shape
+    block_rows, block_d = _stats_blocks(d, m, x.is_cuda)
+    _row_stats_kernel[(triton.cdiv(m, block_rows),)](
+        x, rstd if rms else mean, rstd, m, d, eps, RMS=rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=4)
+
+
+def layernorm_mlp_bwd(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act,
+                      eps: float, rms: bool, activation: str, residual: bool):
     """fusedlm::layernorm_mlp_bwd_triton: (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias, dproj_weight,
     dproj_bias); the kernels and their launcher are in kernels/layernorm_mlp_bwd.py."""
     from fusedlm.kernels.layernorm_mlp_bwd import backward
 
-    return backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
-                    pre_act, eps, rms, activation, residual)
+    return backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act,
+                    eps, rms, activation, residual)
 
 
 def _or(t, fallback):

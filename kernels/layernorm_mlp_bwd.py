@@ -21,7 +21,7 @@ from fusedlm.kernels import device_guard
 from fusedlm.kernels import layer_norm as norm_kernels
 from fusedlm.kernels.layernorm_mlp import (
     NARROW, OP, WIDE, _act_parts, _check, _dense, _fc_pre, _gemm, _gemm_specs, _linear_kernel, _load_stats, _mma,
-    _normalise, _or, _tile_ids, _tuned, _widths,
+    _normalise, _or, _tile_ids, _tuned, _widths, row_stats,
 )
 
 
@@ -120,7 +120,7 @@ _tuned(_dweight_kernel, DWEIGHT, ["n_a", "n_b", "NORM_B"])
 
 # --- launcher ------------------------------------------------------------------------------------
 
-def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act,
+def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act,
              eps: float, rms: bool, activation: str, residual: bool):
     """layernorm_mlp_bwd (kernels/layernorm_mlp.py): (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias,
     dproj_weight, dproj_bias), each in its input's dtype; the gradient of an absent bias (and dnorm_bias for
@@ -141,6 +141,8 @@ def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pro
         return (torch.empty_like(x), dnorm_w, dnorm_b, dfc_w.zero_(), dfc_b.zero_(), dproj_w.zero_(),
                 dproj_b.zero_())
     recompute = pre_act.numel() == 0
+    mean = x.new_empty((0,) if rms else (m,), dtype=torch.float32)
+    rstd = x.new_empty((m,), dtype=torch.float32)
     mean_arg = rstd if rms else mean
     act = x.new_empty((m, h))  # transients
     dpre = x.new_empty((m, fc_out))
@@ -150,6 +152,7 @@ def backward(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pro
     dproj_b_arg = dproj_b if proj_bias is not None else dproj_w  # absent biases: flags keep these unwritten
     dfc_b_arg = dfc_b if fc_bias is not None else dfc_w
     with device_guard(OP, x):
+        row_stats(x, mean, rstd, eps, rms)  # the forward's statistics, the same bits
         _gemm(_dpre_kernel, x, m, h, d,
               (dy, proj_weight, x, mean_arg, rstd, norm_weight, nb, fc_weight, _or(fc_bias, fc_weight),
                dpre if recompute else pre_act.contiguous(), act, dpre, m, d, h),

@@ -138,13 +138,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cpu(
     const Tensor& dy, const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias,
     const Tensor& fc_weight, const std::optional<Tensor>& fc_bias, const Tensor& proj_weight,
-    const std::optional<Tensor>& proj_bias, const Tensor& mean, const Tensor& rstd, const Tensor& pre_act, double eps,
-    bool rms, c10::string_view activation_name, bool residual) {
+    const std::optional<Tensor>& proj_bias, const Tensor& pre_act, double eps, bool rms,
+    c10::string_view activation_name, bool residual) {
   constexpr const char* op = "layernorm_mlp_bwd";
   const std::string activation(activation_name.data(), activation_name.size());
   const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
                                          rms, activation, at::kCPU);
-  const bool recompute = lm::check_saved(op, dims, x, dy, mean, rstd, pre_act, rms);
+  const bool recompute = lm::check_saved(op, dims, x, dy, pre_act);
   const cpu::DType dtype = cpu_dtype(op, x);
   const cpu::Isa isa = kernel_isa(op);
   const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
@@ -163,7 +163,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
   Tensor dact = at::empty({block, h}, x.options());  // d(act), then act
   Tensor dpre = at::empty({block, fc_out}, x.options());
-  Tensor stats = at::empty({2 * block}, f32);  // the recomputed statistics (equal to the saved ones)
+  // The block's statistics, recomputed by the forward's kernel (the same bits): not saved by the forward.
+  Tensor stats = at::empty({2 * block}, f32);
   Tensor ln_ws = at::empty({cpu::layer_norm_bwd_workspace_floats(block, d)}, f32);
   // The weight gradients. fp32: the first block's GEMMs write them, the others add (beta = 1). bf16:
   // each block's GEMMs write dfc_w / dproj_w in bf16 and fold_bf16_block sums them in fp32 (the
@@ -229,8 +230,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     lb.dh = residual ? dy_b.data_ptr() : nullptr;
     lb.h = row_ptr(x, r0);
     lb.weight = norm_weight.data_ptr();
-    lb.mean = rms ? nullptr : mean.data_ptr<float>() + r0;
-    lb.rstd = rstd.data_ptr<float>() + r0;
+    lb.mean = rms ? nullptr : stats.data_ptr<float>();
+    lb.rstd = stats.data_ptr<float>() + block;
     lb.dx = row_ptr(dx, r0);
     lb.dweight = nullptr;
     lb.dbias = nullptr;
@@ -260,7 +261,7 @@ TORCH_LIBRARY_FRAGMENT(fusedlm, m) {
       "-> (Tensor y, Tensor mean, Tensor rstd, Tensor pre_act)");
   m.def(
       "layernorm_mlp_bwd(Tensor dy, Tensor x, Tensor norm_weight, Tensor? norm_bias, Tensor fc_weight, "
-      "Tensor? fc_bias, Tensor proj_weight, Tensor? proj_bias, Tensor mean, Tensor rstd, Tensor pre_act, float eps, "
+      "Tensor? fc_bias, Tensor proj_weight, Tensor? proj_bias, Tensor pre_act, float eps, "
       "bool rms, str activation, bool residual) -> (Tensor dx, Tensor dnorm_weight, Tensor dnorm_bias, "
       "Tensor dfc_weight, Tensor dfc_bias, Tensor dproj_weight, Tensor dproj_bias)");
 }

@@ -71,15 +71,13 @@ inline Dims check_params(const char* op, const at::Tensor& x, const at::Tensor& 
   return dims;
 }
 
-// The tensors the backward adds to the forward's inputs: dy (M, d), the statistics, pre_act.
-// Returns true when pre_act has shape (0,): recompute it.
+// The tensors the backward adds to the forward's inputs: dy (M, d) and pre_act (the backward
+// recomputes the norm statistics from x). Returns true when pre_act has shape (0,): recompute it.
 inline bool check_saved(const char* op, const Dims& dims, const at::Tensor& x, const at::Tensor& dy,
-                        const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& pre_act, bool rms) {
+                        const at::Tensor& pre_act) {
   using checks::check_arg;
   const at::Device device = x.device();
   check_arg(op, "dy", dy, device, x.sizes(), x.scalar_type(), " (the shape of x)");
-  check_arg(op, "mean", mean, device, {rms ? 0 : dims.m}, at::kFloat, rms ? " (rmsnorm)" : " (the rows of x)");
-  check_arg(op, "rstd", rstd, device, {dims.m}, at::kFloat, " (the rows of x)");
   const bool recompute = pre_act.dim() == 1 && pre_act.size(0) == 0;
   if (!recompute) {
     check_arg(op, "pre_act", pre_act, device, {dims.m, dims.fc_out}, x.scalar_type(),

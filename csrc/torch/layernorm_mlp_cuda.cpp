@@ -108,13 +108,13 @@ void gemm_accumulate(Tensor& acc, const Tensor& a, const Tensor& b) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp_bwd_cuda(
     const Tensor& dy, const Tensor& x, const Tensor& norm_weight, const std::optional<Tensor>& norm_bias,
     const Tensor& fc_weight, const std::optional<Tensor>& fc_bias, const Tensor& proj_weight,
-    const std::optional<Tensor>& proj_bias, const Tensor& mean, const Tensor& rstd, const Tensor& pre_act, double eps,
-    bool rms, c10::string_view activation_name, bool residual) {
+    const std::optional<Tensor>& proj_bias, const Tensor& pre_act, double eps, bool rms,
+    c10::string_view activation_name, bool residual) {
   constexpr const char* op = "layernorm_mlp_bwd";
   const std::string activation(activation_name.data(), activation_name.size());
   const lm::Dims dims = lm::check_params(op, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, eps,
                                          rms, activation, at::kCUDA);
-  const bool recompute = lm::check_saved(op, dims, x, dy, mean, rstd, pre_act, rms);
+  const bool recompute = lm::check_saved(op, dims, x, dy, pre_act);
   const kernels::DType dtype = kernel_dtype<kernels::DType>(op, "x", x);
   const kernels::Activation act_kind = static_cast<kernels::Activation>(dims.activation);
   const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
@@ -136,14 +136,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
   Tensor dact = at::empty({block, h}, x.options());  // d(act), then act
   Tensor dpre = at::empty({block, fc_out}, x.options());
-  Tensor stats = at::empty({2 * block}, f32);
+  // mean (M) and rstd (M), recomputed block by block by the forward's kernel (the same bits): the
+  // forward does not save them.
+  Tensor stats = at::empty({2 * m}, f32);
+  float* const mean = stats.data_ptr<float>();
+  float* const rstd = mean + m;
   const int64_t partial_cols = std::max(fc_out, d);
   Tensor partial = at::empty({kernels::sum_chunks(std::max(block, m)) * partial_cols}, f32);
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
-    norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, stats.data_ptr<float>(), stats.data_ptr<float>() + block,
-              eps, rms, dtype, stream);
+    norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, mean + r0, rstd + r0, eps, rms, dtype, stream);
     const Tensor xn_b = xn.narrow(0, 0, rows);
     Tensor pre_b;
     if (recompute) {
@@ -172,8 +175,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   const int64_t ws_floats = kernels::layer_norm_bwd_workspace_floats(m, d, norm_bias.has_value());
   Tensor ws = at::empty({ws_floats}, f32);
   check_launch(op, kernels::layer_norm_bwd(dtype, dxn.data_ptr(), residual ? dy.data_ptr() : nullptr, x.data_ptr(),
-                                           norm_weight.data_ptr(), rms ? nullptr : mean.data_ptr<float>(),
-                                           rstd.data_ptr<float>(), dx.data_ptr(), dnorm_w.data_ptr(),
+                                           norm_weight.data_ptr(), rms ? nullptr : mean, rstd, dx.data_ptr(),
+                                           dnorm_w.data_ptr(),
                                            norm_bias.has_value() ? dnorm_b.data_ptr() : nullptr,
                                            ws.data_ptr<float>(), ws_floats, m, d, rms, stream));
   if (proj_bias.has_value()) {

@@ -24,12 +24,13 @@ f and f' of each activation are listed in csrc/cpu/layernorm_mlp.h. Weight and b
 are accumulated in float32 in a fixed order (the same bits on every run) and returned in the
 parameters' dtype.
 
-Saved for backward (besides the parameters): x, mean and rstd (8 bytes per token; mean empty for
-rmsnorm) and, with recompute=False, pre_act u (fc_out values per token, x's dtype). Never the
-normalised x, the activation output, or anything of width 2h twice. recompute=True keeps only x
-and the statistics and runs the fc GEMM again in backward. Per token at d=768, h=3072 in fp32:
-eager nn.LayerNorm + nn.Linear + GELU + nn.Linear saves x, xn, u, a and the statistics (30728
-bytes); this op 15368 (recompute=False) or 3080 (recompute=True).
+Saved for backward (besides the parameters): x and, with recompute=False, pre_act u (fc_out values
+per token, x's dtype). Never the normalised x, the activation output, or anything of width 2h twice.
+The norm statistics are not saved either: the backward recomputes them from x with the forward's
+kernel (the same bits), one read of x it makes anyway to recompute xn. recompute=True keeps only x
+and runs the fc GEMM again in backward. Per token at d=768, h=3072: eager nn.LayerNorm + nn.Linear
++ GELU + nn.Linear saves x, xn, u, a and the statistics (fp32 30728 bytes, bf16 15364); this op
+15360 / 7680 (recompute=False, 49.99% of eager) or 3072 / 1536 (recompute=True, 10.0%).
 
 The kernels process tokens in blocks (csrc/torch/layernorm_mlp.cpp: CPU; layernorm_mlp_cuda.cpp:
 CUDA): per block the norm, the GEMMs (ATen: MKL/oneDNN, cuBLAS) and fused element-wise passes,
@@ -40,8 +41,8 @@ GEMM that writes them and the one that reads them. All backends implement one sc
         activation, residual, recompute) -> (y, mean, rstd, pre_act)
         x (M, d) contiguous; y (M, d); mean (M,) float32 ((0,) for rmsnorm); rstd (M,) float32;
         pre_act (M, fc_out) in x's dtype, or (0,) when recompute.
-    bwd(dy, x, norm_weight, norm_bias?, fc_weight, fc_bias?, proj_weight, proj_bias?, mean, rstd,
-        pre_act, eps, rms, activation, residual)
+    bwd(dy, x, norm_weight, norm_bias?, fc_weight, fc_bias?, proj_weight, proj_bias?, pre_act, eps, rms,
+        activation, residual)
         -> (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias, dproj_weight, dproj_bias)
         pre_act of shape (0,): recompute it. Gradients of absent biases have shape (0,).
 
@@ -83,13 +84,12 @@ def _fwd_triton(
 def _bwd_triton(
     dy: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
     fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-    mean: torch.Tensor, rstd: torch.Tensor, pre_act: torch.Tensor, eps: float, rms: bool, activation: str,
-    residual: bool,
+    pre_act: torch.Tensor, eps: float, rms: bool, activation: str, residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fusedlm.kernels import layernorm_mlp as kernels
 
     return kernels.layernorm_mlp_bwd(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias,
-                                     mean, rstd, pre_act, eps, rms, activation, residual)
+                                     pre_act, eps, rms, activation, residual)
 
 
 # --- fake (meta) implementations, shared by the C++ and Triton ops -------------------------
@@ -103,8 +103,8 @@ def _fwd_fake(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_b
     return torch.empty_like(x), mean, rstd, pre_act
 
 
-def _bwd_fake(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act, eps,
-              rms, activation, residual):
+def _bwd_fake(dy, x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act, eps, rms,
+              activation, residual):
     def grad(p, like):
         return torch.empty_like(p) if p is not None else like.new_empty((0,))
 
@@ -122,18 +122,19 @@ def _setup_context(ctx, inputs, output):
     # The statistics and pre_act never get a gradient: without this the engine would hand the
     # backward a zero-filled (tokens, fc_out) dpre_act on every call (~2% of a CPU step).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act)
+    # Not the statistics: the backward recomputes them from x with the forward's kernel (the same bits).
+    ctx.save_for_backward(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act)
     ctx.eps, ctx.rms, ctx.activation, ctx.residual = eps, rms, activation, residual
 
 
 def _make_backward(bwd_op):
     def backward(ctx, dy, dmean, drstd, dpre_act):
-        x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd, pre_act = ctx.saved_tensors
+        x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act = ctx.saved_tensors
         if dy is None:  # y is in the graph but got no gradient: every input gradient is zero
             return (None,) * 12
         dx, dnw, dnb, dfcw, dfcb, dpw, dpb = bwd_op(
-            dy.contiguous(), x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, mean, rstd,
-            pre_act, ctx.eps, ctx.rms, ctx.activation, ctx.residual,
+            dy.contiguous(), x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias, pre_act, ctx.eps,
+            ctx.rms, ctx.activation, ctx.residual,
         )
         return (dx, dnw, dnb if norm_bias is not None else None, dfcw, dfcb if fc_bias is not None else None,
                 dpw, dpb if proj_bias is not None else None, None, None, None, None, None)
