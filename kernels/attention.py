@@ -373,6 +373,24 @@ _GPU_DQ = {
 }
 _TABLES = {"fwd": _GPU_FWD, "dkdv": _GPU_DKDV, "dq": _GPU_DQ}
 
+# Backward entries that differ by arch family: (family, kernel, head-dim bucket, 16-bit?) -> configuration,
+# looked up before _TABLES. Static, not timed as the forward's are: a dK/dV tile sets the order of the
+# sums over query blocks, so a measured choice could give different bits in two processes. Checked with
+# the report for the family's arch under Triton 3.6 (the H200 machine's) and 3.9 (stack bytes there):
+#   sm90 16-bit D128 dK/dV 32 x 64, 8 warps, 2 stages: no spills with either (the shared entry's 16 query
+#     rows per step feed 16-wide HGMMAs; the H200 run of 2026-11-29 had this backward at about 6x SDPA's).
+#     64 x 64 at 2 stages spills 8 bytes with Triton 3.6 (0 with 3.9), 32 x 128 spills 232-368.
+#   sm90 16-bit dQ D64 and D128 128 x 32, 8 warps: 128-row tiles give each warpgroup 64 rows (as the
+#     forward's, which measured 1.35x SDPA's flash at D64); no spills with either version, 174-184 registers.
+#   sm80 16-bit D64 dK/dV 32 x 128 at 1 stage: the shared 2-stage entry spills 16 bytes on sm_80 with 3.6.
+# benchmarks/attention_tiles.py times these against the shared entries on a GPU.
+_GPU_FAMILY = {
+    ("sm90", "dkdv", 128, True): (32, 64, 8, 2),
+    ("sm90", "dq", 64, True): (128, 32, 8, 2),
+    ("sm90", "dq", 128, True): (128, 32, 8, 2),
+    ("sm80", "dkdv", 64, True): (32, 128, 8, 1),
+}
+
 # The forward's measured choices: (arch family, head-dim bucket, 16-bit?) -> candidates, each compiled
 # without spills for its arch (the "archs" of its report spec) by Triton 3.6 and 3.9. On the first call
 # of a (device, dtype, bucket, causal, Nq, Nk, B * Hq) class (powers of two) each is timed on the call's own
@@ -408,7 +426,8 @@ def _dkdv_passes(block_d: int) -> tuple:
 
 def _config(q: torch.Tensor, block_d: int, kernel: str) -> tuple[int, int, int, int]:
     if q.is_cuda:
-        return _gpu_config(block_d, _TL_DTYPE[q.dtype], kernel)
+        family = _GPU_FAMILY.get((gpu_family(q.device.index or 0), kernel, _bucket(block_d), q.dtype != torch.float32))
+        return family or _gpu_config(block_d, _TL_DTYPE[q.dtype], kernel)
     return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
 
 
@@ -530,8 +549,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, causal: bool, scale: float):
 
 def static_report_specs() -> list[dict]:
     """One spec per (kernel, configuration the GPU tables can pick, dtype, head-dim bucket, causal or not:
-    the causal variant has more code, but the other spilled where it did not). Forward candidates of one
-    arch family compile for that arch only. Head dims 80 and 96 share the 128 bucket
+    the causal variant has more code, but the other spilled where it did not). Forward candidates and the
+    backward's _GPU_FAMILY entries of one arch family compile for that arch only. Head dims 80 and 96 share the 128 bucket
     (BLOCK_D = 128, masked columns; HEAD_DIM = 80 is compiled too); attrs say that pointers and row strides are 16-divisible, as the JIT
     finds them for D % 8 == 0 in 16-bit and D % 4 == 0 in fp32 (every head dim the op takes).
     uses_tensor_cores: True for fp16/bf16 (HGMMA on sm_90a, HMMA on sm_80); fp32 uses ieee dots (FMA).
@@ -551,15 +570,25 @@ def static_report_specs() -> list[dict]:
                              [p] * 4 + ["*fp32"] + ["i32"] * 16 + ["fp32"])
                 specs.append(spec if archs is None else {**spec, "archs": archs})
             bwd_types = ["i32"] * 16 + ["fp32", "fp32"]
-            bm, bn, warps, stages = _gpu_config(block_d, dtype, "dkdv")
-            for do_dk, do_dv, _, cols in _dkdv_passes(block_d)[:2]:  # the two column halves compile alike
-                specs.append(_spec(_attn_bwd_dkdv_kernel, dtype, warps, stages,
-                                   {**common, "BLOCK_M": bm, "BLOCK_N": bn, "DO_DK": do_dk, "DO_DV": do_dv,
-                                    "OUT_COLS": cols},
-                                   [p] * 4 + ["*fp32", "*fp32", p, p] + bwd_types + ["i32"]))
-            bm, bn, warps, stages = _gpu_config(block_d, dtype, "dq")
-            specs.append(_spec(_attn_bwd_dq_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
-                               [p] * 4 + ["*fp32", "*fp32", p] + bwd_types))
+
+            def bwd_configs(kernel):  # (configuration, the archs it runs on), shared entry first
+                keys = {family: (family, kernel, _bucket(block_d), dtype != "fp32") for family in REPORT_ARCHS}
+                shared = tuple(a for family, archs in REPORT_ARCHS.items() if keys[family] not in _GPU_FAMILY
+                               for a in archs)
+                return [(_gpu_config(block_d, dtype, kernel), shared)] * bool(shared) + [
+                    (_GPU_FAMILY[key], REPORT_ARCHS[family]) for family, key in keys.items() if key in _GPU_FAMILY]
+
+            for (bm, bn, warps, stages), archs in bwd_configs("dkdv"):
+                for do_dk, do_dv, _, cols in _dkdv_passes(block_d)[:2]:  # the two column halves compile alike
+                    spec = _spec(_attn_bwd_dkdv_kernel, dtype, warps, stages,
+                                 {**common, "BLOCK_M": bm, "BLOCK_N": bn, "DO_DK": do_dk, "DO_DV": do_dv,
+                                  "OUT_COLS": cols},
+                                 [p] * 4 + ["*fp32", "*fp32", p, p] + bwd_types + ["i32"])
+                    specs.append({**spec, "archs": archs})
+            for (bm, bn, warps, stages), archs in bwd_configs("dq"):
+                spec = _spec(_attn_bwd_dq_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
+                             [p] * 4 + ["*fp32", "*fp32", p] + bwd_types)
+                specs.append({**spec, "archs": archs})
             specs.append(_spec(_attn_bwd_preprocess_kernel, dtype, 4, 1,
                                {"HAS_DLSE": True, "HEAD_DIM": head_dim, "BLOCK_M": PRE_TILE // block_d,
                                 "BLOCK_D": block_d},

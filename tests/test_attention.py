@@ -132,8 +132,10 @@ try:  # the forward tiles the GPU tuner of the Triton backend chooses from
     from fusedlm.kernels import attention as attention_kernels
 
     FWD_CANDIDATES = sorted({c for cs in attention_kernels._GPU_FWD_CANDIDATES.values() for c in cs})
+    BWD_FAMILY = sorted({(kernel, bucket, config)
+                         for (_, kernel, bucket, low), config in attention_kernels._GPU_FAMILY.items() if low})
 except ImportError:  # no triton: nothing to choose from
-    FWD_CANDIDATES = []
+    FWD_CANDIDATES, BWD_FAMILY = [], []
 
 
 @pytest.mark.triton
@@ -150,6 +152,23 @@ def test_attention_triton_forward_candidates(monkeypatch, config, case):
     (q, k, v), do = _inputs(case, torch.bfloat16 if HAS_GPU else torch.float16, device)
     out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=case[-1], backend="triton")
     _check_all(out, lse, grads, q, k, v, do, case[-1])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel,bucket,config", BWD_FAMILY, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_triton_backward_family_tiles(monkeypatch, kernel, bucket, config, causal):
+    """Each 16-bit backward tile of one GPU family (_GPU_FAMILY), forced on its kernel at head dims of its
+    bucket, GQA and Nq != Nk (bf16 on a GPU, fp16 in the interpreter, which ignores warps and stages)."""
+    config_of = attention_kernels._config
+    monkeypatch.setattr(attention_kernels, "_config",
+                        lambda q, block_d, name: config if name == kernel else config_of(q, block_d, name))
+    device = backend_device("triton")
+    for d in (bucket, 80) if bucket == 128 else (bucket,):
+        case = (1, 4, 2, 200, 131, d, causal)
+        (q, k, v), do = _inputs(case, torch.bfloat16 if HAS_GPU else torch.float16, device)
+        out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=causal, backend="triton")
+        _check_all(out, lse, grads, q, k, v, do, causal)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -117,3 +117,34 @@ def test_profile_lists_each_providers_largest_entries(monkeypatch):
     entries = lines[head + 1:head + 4]
     assert len(entries) == 3 and any("native_layer_norm" in e for e in entries)
     assert "  fusedlm[x]: failed: RuntimeError: kernel exploded" in lines
+
+
+@pytest.mark.triton
+def test_attention_tiles_forces_each_candidate(monkeypatch, capsys):
+    """The backward-tile sweep times every candidate of the family on the kernel it names (the other
+    kernel keeps the library's tile), restores the library's tile choice afterwards, and reports a tile
+    that fails instead of stopping. In the interpreter: fp16, a tiny shape, one call per 'timing'."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter variant of this check; on a GPU gpu_check runs the tool itself")
+    from fusedlm.benchmarks import attention_tiles
+    from fusedlm.kernels import attention as kernels
+
+    monkeypatch.setitem(attention_tiles.CANDIDATES, ("sm90", "dq", 64), [(64, 64, 8, 2), (48, 64, 8, 2)])
+    config_of = kernels._config
+    seen = []
+
+    def bench(fn, **options):
+        seen.append(options)
+        fn()
+        return 1.0
+
+    rows = attention_tiles.sweep("sm90", 1, 2, 40, "cpu", torch.float16, bench)
+    assert kernels._config is config_of
+    expected = [(kernel, d, c) for d in (64, 128) for kernel in ("dkdv", "dq")
+                for c in attention_tiles.CANDIDATES[("sm90", kernel, d)]]
+    assert [(kernel, d, c) for kernel, d, c, _, _ in rows] == expected
+    failed = [row for row in rows if row[3] is None]
+    assert [row[2] for row in failed] == [(48, 64, 8, 2)]  # BLOCK_M 48 is no power of two
+    assert failed[0][4].startswith("failed: ")
+    assert len(seen) == len(rows) and all(o["return_mode"] == "median" for o in seen)
+    assert "dkdv" in capsys.readouterr().out
