@@ -170,33 +170,45 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t 
 
 // ---- warp-level tile products -----------------------------------------------------------------
 
-// acc (16 x N) += A (16 x K) B^T, A rows [0, 16) and B rows [0, N) of shared tiles with the
-// K dim dense (row stride S): q k^T, do v^T, k q^T, v do^T. Per 16-wide k-step: one ldmatrix
-// for A and one per pair of 8-row B tiles.
-template <typename T, int N, int K, int S>
-__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile, int lane) {
+// acc[i] (16 x N) += A_i (16 x K) B^T for MT row tiles A_i = rows [16 i, 16 i + 16) of a shared
+// tile and B rows [0, N) of another, both with the K dim dense (row stride S): q k^T, do v^T,
+// k q^T, v do^T. Per 16-wide k-step: MT ldmatrix for A and one per pair of 8-row B tiles, each B
+// fragment feeding MT MMAs (so MT > 1 reads shared memory less per flop).
+template <typename T, int MT, int N, int K, int S>
+__device__ __forceinline__ void mma_abt_tiles(float (&acc)[MT][N / 8][4], const T* a_tile, const T* b_tile,
+                                              int lane) {
   static_assert(N % 16 == 0 && K % 16 == 0, "tile sizes are multiples of 16");
   const T* a_lane = a_tile + (lane & 15) * S + (lane >> 4) * 8;
   const T* b_lane = b_tile + ((lane >> 4) * 8 + (lane & 7)) * S + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int k = 0; k < K / 16; ++k) {
-    uint32_t a[4];
-    ldmatrix_x4(a, a_lane + k * 16);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) ldmatrix_x4(a[i], a_lane + i * 16 * S + k * 16);
 #pragma unroll
     for (int n = 0; n < N / 16; ++n) {
       uint32_t b[4];
       ldmatrix_x4(b, b_lane + n * 16 * S + k * 16);
-      Elem<T>::mma(acc[2 * n], a, b[0], b[1]);
-      Elem<T>::mma(acc[2 * n + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        Elem<T>::mma(acc[i][2 * n], a[i], b[0], b[1]);
+        Elem<T>::mma(acc[i][2 * n + 1], a[i], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc (16 x D) += P (16 x K, A fragments in registers) B, B rows [0, K) of a shared tile with
-// the D dim dense (row stride S), read transposed: p v, ds k, p^T do, ds^T q.
-template <typename T, int K, int D, int S>
-__device__ __forceinline__ void mma_pb(float (&acc)[D / 8][4], const uint32_t (&p)[K / 16][4], const T* b_tile,
-                                       int lane) {
+// acc (16 x N) += A (16 x K) B^T: one row tile of mma_abt_tiles.
+template <typename T, int N, int K, int S>
+__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const T* a_tile, const T* b_tile, int lane) {
+  mma_abt_tiles<T, 1, N, K, S>(reinterpret_cast<float (&)[1][N / 8][4]>(acc), a_tile, b_tile, lane);
+}
+
+// acc[i] (16 x D) += P_i (16 x K, A fragments in registers) B for MT row tiles, B rows [0, K) of a
+// shared tile with the D dim dense (row stride S), read transposed: p v, ds k, p^T do, ds^T q.
+template <typename T, int MT, int K, int D, int S>
+__device__ __forceinline__ void mma_pb_tiles(float (&acc)[MT][D / 8][4], const uint32_t (&p)[MT][K / 16][4],
+                                             const T* b_tile, int lane) {
   const T* b_lane = b_tile + (((lane >> 3) & 1) * 8 + (lane & 7)) * S + (lane >> 4) * 8;
 #pragma unroll
   for (int k = 0; k < K / 16; ++k) {
@@ -204,10 +216,21 @@ __device__ __forceinline__ void mma_pb(float (&acc)[D / 8][4], const uint32_t (&
     for (int d = 0; d < D / 16; ++d) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, b_lane + k * 16 * S + d * 16);
-      Elem<T>::mma(acc[2 * d], p[k], b[0], b[1]);
-      Elem<T>::mma(acc[2 * d + 1], p[k], b[2], b[3]);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        Elem<T>::mma(acc[i][2 * d], p[i][k], b[0], b[1]);
+        Elem<T>::mma(acc[i][2 * d + 1], p[i][k], b[2], b[3]);
+      }
     }
   }
+}
+
+// acc (16 x D) += P (16 x K) B: one row tile of mma_pb_tiles.
+template <typename T, int K, int D, int S>
+__device__ __forceinline__ void mma_pb(float (&acc)[D / 8][4], const uint32_t (&p)[K / 16][4], const T* b_tile,
+                                       int lane) {
+  mma_pb_tiles<T, 1, K, D, S>(reinterpret_cast<float (&)[1][D / 8][4]>(acc),
+                              reinterpret_cast<const uint32_t (&)[1][K / 16][4]>(p), b_tile, lane);
 }
 
 // Accumulator tiles (16 x K float32) -> A fragments of K / 16 k-steps, rounded to T.

@@ -1,8 +1,11 @@
 // CUDA attention forward, FlashAttention-2 on tensor cores (contract in attention.h; building
 // blocks and fragment layouts in attention_common.cuh; backward in attention_bwd.cu).
 //
-// A block owns BM = 16 * kWarps query rows of one (batch, query head); warp w owns rows
-// [16 w, 16 w + 16) and never talks to the other warps. Over key blocks j of BN keys, in float32:
+// A block owns BM = 16 * kMT * kWarps query rows of one (batch, query head); warp w owns the kMT
+// 16-row tiles of rows [16 kMT w, 16 kMT (w + 1)) and never talks to the other warps. Each K and V
+// fragment a warp reads from shared memory feeds kMT MMAs (FlashAttention-2's 128-row blocks of 4
+// warps): with kMT = 1 (64-row blocks) the H200 run of 2026-11-29 had this forward at 0.76x SDPA's
+// flash backend, bound by ldmatrix traffic. Over key blocks j of BN keys, in float32:
 //
 //   s   = q k_j^T * scale * log2(e)          base 2: exp2 instead of exp, the scale folded in
 //   m'  = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
@@ -27,9 +30,12 @@ namespace {
 
 using namespace attn;
 
+// 128 query rows (4 warps of 2 row tiles) by BN keys: 64 up to D = 80, 32 above, where 64 spills (the
+// kMT * D / 2 output floats per lane leave too few registers for a 64-key score tile).
 template <int D>
 struct FwdTile {
-  static constexpr int kWarps = 4, kBM = 16 * kWarps, kBN = 64, kThreads = kWarps * kWarp;
+  static constexpr int kWarps = 4, kMT = 2, kBM = 16 * kMT * kWarps, kBN = D > 80 ? 32 : 64;
+  static constexpr int kThreads = kWarps * kWarp;
   static constexpr int kSmemBytes = (kBM + 4 * kBN) * Smem<D>::kStride * 2;  // q, 2 stages of k and v
 };
 
@@ -37,7 +43,7 @@ struct FwdTile {
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(const FwdParams p) {
   using Tile = FwdTile<D>;
-  constexpr int S = Smem<D>::kStride, BM = Tile::kBM, BN = Tile::kBN, kThreads = Tile::kThreads;
+  constexpr int S = Smem<D>::kStride, BM = Tile::kBM, BN = Tile::kBN, MT = Tile::kMT, kThreads = Tile::kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sk = sq + BM * S;  // [2][BN][S]
@@ -61,10 +67,17 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
   }
   cp_async_commit();
 
-  float o[D / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int row[2] = {m0 + 16 * warp + g, m0 + 16 * warp + g + 8};
-  const T* sq_warp = sq + 16 * warp * S;
+  // Per row tile i: o, and per accumulator row half r (row row0 + 16 i + g + 8 r) the running max m
+  // and sum l.
+  float o[MT][D / 8][4] = {};
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.f;
+  }
+  const int row0 = m0 + 16 * MT * warp + g;
+  const T* sq_warp = sq + 16 * MT * warp * S;
 
   for (int j = 0; j < n_blocks; ++j) {
     cp_async_wait<0>();
@@ -78,63 +91,71 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
     const T* sk_j = sk + (j & 1) * BN * S;
     const T* sv_j = sv + (j & 1) * BN * S;
 
-    float s[BN / 8][4] = {};
-    mma_abt<T, BN, D, S>(s, sq_warp, sk_j, lane);
+    float s[MT][BN / 8][4] = {};
+    mma_abt_tiles<T, MT, BN, D, S>(s, sq_warp, sk_j, lane);
 
     const int n0 = j * BN;
     const bool masked = n0 + BN > p.n_k || (p.causal && n0 + BN - 1 > m0 + offset);
+    uint32_t pa[MT][BN / 16][4];
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] *= p.scale_log2;
-        if (masked) {
-          const int col = n0 + 8 * n + 2 * t + (e & 1);
-          if (col >= p.n_k || (p.causal && col > row[e >> 1] + offset)) s[n][e] = -INFINITY;
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      mx = quad_max(mx);
-      const float shift = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m[r] - shift);
-      m[r] = mx;
-      float sum = 0.f;
+    for (int i = 0; i < MT; ++i) {
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
-        s[n][2 * r] = exp2f(s[n][2 * r] - shift);
-        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - shift);
-        sum += s[n][2 * r] + s[n][2 * r + 1];
-      }
-      l[r] = l[r] * alpha + sum;  // this lane's columns only; summed over the quad at the end
 #pragma unroll
-      for (int d = 0; d < D / 8; ++d) {
-        o[d][2 * r] *= alpha;
-        o[d][2 * r + 1] *= alpha;
+        for (int e = 0; e < 4; ++e) {
+          s[i][n][e] *= p.scale_log2;
+          if (masked) {
+            const int col = n0 + 8 * n + 2 * t + (e & 1);
+            const int row = row0 + 16 * i + 8 * (e >> 1);
+            if (col >= p.n_k || (p.causal && col > row + offset)) s[i][n][e] = -INFINITY;
+          }
+        }
       }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[i][r];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[i][n][2 * r], s[i][n][2 * r + 1]));
+        mx = quad_max(mx);
+        const float shift = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m[i][r] - shift);
+        m[i][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+          s[i][n][2 * r] = exp2f(s[i][n][2 * r] - shift);
+          s[i][n][2 * r + 1] = exp2f(s[i][n][2 * r + 1] - shift);
+          sum += s[i][n][2 * r] + s[i][n][2 * r + 1];
+        }
+        l[i][r] = l[i][r] * alpha + sum;  // this lane's columns only; summed over the quad at the end
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+          o[i][d][2 * r] *= alpha;
+          o[i][d][2 * r + 1] *= alpha;
+        }
+      }
+      to_a_frags<T, BN>(s[i], pa[i]);
     }
-    uint32_t pa[BN / 16][4];
-    to_a_frags<T, BN>(s, pa);
-    mma_pb<T, BN, D, S>(o, pa, sv_j, lane);
+    mma_pb_tiles<T, MT, BN, D, S>(o, pa, sv_j, lane);
   }
   cp_async_wait<0>();
 
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(l[r]);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-    if (t == 0 && row[r] < p.n_q) {
-      p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.n_q + row[r]] =
-          sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
-    }
-  }
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads_q + h) * p.n_q * D;
-  store_rows<T, D>(out, o, m0 + 16 * warp, p.n_q, inv[0], inv[1], lane);
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[i][r]);
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = row0 + 16 * i + 8 * r;
+      if (t == 0 && row < p.n_q) {
+        p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.n_q + row] =
+            sum > 0.f ? (m[i][r] + log2f(sum)) * kLn2 : -INFINITY;
+      }
+    }
+    store_rows<T, D>(out, o[i], m0 + 16 * (MT * warp + i), p.n_q, inv[0], inv[1], lane);
+  }
 }
 
 template <typename T, int D>
