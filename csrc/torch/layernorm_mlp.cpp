@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
   const cpu::DType dtype = cpu_dtype(op, x);
   const cpu::Isa isa = kernel_isa(op);
   return lm::forward(
-      x, fc_weight, proj_weight, proj_bias, dims, rms, residual, recompute,
+      x, fc_weight, std::nullopt, proj_weight, proj_bias, dims, rms, residual, recompute,
       token_block(dims.m, dims.fc_out, x.element_size()),
       [&](int64_t r0, int64_t rows, const Tensor& xn, float* mean, float* rstd) {
         norm_rows(x, r0, rows, norm_weight, norm_bias, xn, mean, rstd, eps, rms, dtype, isa);

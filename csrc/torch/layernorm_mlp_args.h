@@ -89,14 +89,15 @@ inline bool check_saved(const char* op, const Dims& dims, const at::Tensor& x, c
 // The forward over blocks of `block` token rows; the devices differ only in their norm and
 // activation kernels, passed in as
 //   norm_rows(r0, rows, xn, mean or nullptr (rmsnorm), rstd): xn = norm(x[r0 : r0 + rows]) and its statistics
-//   act_fwd(pre_b, act, rows): act[:rows] = act(pre_b + fc_bias)
+//   act_fwd(pre_b, act, rows): act[:rows] = act(pre_b (+ fc_bias, unless gemm_bias holds it))
 // y starts as x (+ proj_bias) for all rows in one pass, then each block's proj GEMM adds into its
-// rows. pre = xn fc_w^T is kept for backward (pre_act) or, with recompute, lives in a block buffer.
+// rows. pre = xn fc_w^T (+ gemm_bias: the fc bias in the GEMM's epilogue, cuBLASLt on CUDA) is kept
+// for backward (pre_act) or, with recompute, lives in a block buffer.
 template <typename NormRows, typename ActFwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& x, const at::Tensor& fc_weight, const at::Tensor& proj_weight,
-    const std::optional<at::Tensor>& proj_bias, const Dims& dims, bool rms, bool residual, bool recompute,
-    int64_t block, NormRows norm_rows, ActFwd act_fwd) {
+    const at::Tensor& x, const at::Tensor& fc_weight, const std::optional<at::Tensor>& gemm_bias,
+    const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias, const Dims& dims, bool rms,
+    bool residual, bool recompute, int64_t block, NormRows norm_rows, ActFwd act_fwd) {
   using at::Tensor;
   const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
   const auto f32 = x.options().dtype(at::kFloat);
@@ -121,7 +122,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const int64_t rows = std::min(block, m - r0);
     norm_rows(r0, rows, xn, rms ? nullptr : mean.data_ptr<float>() + r0, rstd.data_ptr<float>() + r0);
     Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
-    at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
+    if (gemm_bias.has_value()) {
+      at::addmm_out(pre_b, *gemm_bias, xn.narrow(0, 0, rows), fc_wt);
+    } else {
+      at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
+    }
     act_fwd(pre_b, act, rows);
     Tensor y_b = y.narrow(0, r0, rows);
     const Tensor act_b = act.narrow(0, 0, rows);

@@ -1,10 +1,11 @@
 // CUDA implementations of fusedlm::layernorm_mlp_fwd / layernorm_mlp_bwd (schemas:
 // layernorm_mlp.cpp; contract and math: python/fusedlm/ops/layernorm_mlp.py). The scheme of the
 // CPU op over token blocks: the norm with the layer_norm CUDA kernels, the GEMMs with cuBLAS
-// through ATen (at::mm_out / addmm_ into block views), and the element-wise kernels of
-// csrc/cuda/layernorm_mlp.cu (bias + activation forward; activation derivative with
-// deterministic fc-bias partial sums backward). Blocks are large here (about 64 MiB of
-// (block, fc_out) intermediate): they bound the memory, not a cache.
+// through ATen (at::mm_out / addmm_ into block views; the fc bias in the fc GEMM, cuBLASLt's bias
+// epilogue), and the element-wise kernels of csrc/cuda/layernorm_mlp.cu (activation forward;
+// activation derivative with deterministic fc-bias partial sums backward). Blocks are large here
+// (about 128 MiB of (block, fc_out) intermediate, up to 16384 rows: one block at 16384 x 3072 in
+// bf16, so the GEMMs are the sub-block's own six): they bound the memory, not a cache.
 //
 // Backward: the d(xn) of every block is kept in one (M, d) buffer and the layer_norm backward
 // runs once over all rows at the end, so the norm's weight gradients come out of its own
@@ -38,7 +39,7 @@ namespace kernels = fusedlm::cuda;
 namespace lm = fusedlm::layernorm_mlp;
 using fusedlm::checks::kernel_dtype;
 
-constexpr int64_t kBlockBytes = int64_t(64) << 20;
+constexpr int64_t kBlockBytes = int64_t(128) << 20;
 
 // Rows per token block (see the top); FUSEDLM_LNMLP_BLOCK_ROWS forces one, as on the CPU.
 int64_t token_block(int64_t m, int64_t fc_out, int64_t elem_bytes) {
@@ -80,15 +81,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cuda(
   const kernels::Activation act_kind = static_cast<kernels::Activation>(dims.activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  // The fc bias rides in the fc GEMM (addmm: cuBLASLt's bias epilogue), so the activation kernel
+  // only reads pre_act.
   return lm::forward(
-      x, fc_weight, proj_weight, proj_bias, dims, rms, residual, recompute,
+      x, fc_weight, fc_bias, proj_weight, proj_bias, dims, rms, residual, recompute,
       token_block(dims.m, dims.fc_out, x.element_size()),
       [&](int64_t r0, int64_t rows, const Tensor& xn, float* mean, float* rstd) {
         norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, mean, rstd, eps, rms, dtype, stream);
       },
       [&](const Tensor& pre_b, const Tensor& act, int64_t rows) {
-        check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), ptr_or_null(fc_bias),
-                                              act.data_ptr(), rows, dims.h, stream));
+        check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), nullptr, act.data_ptr(), rows,
+                                              dims.h, stream));
       });
 }
 
@@ -149,9 +152,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, mean + r0, rstd + r0, eps, rms, dtype, stream);
     const Tensor xn_b = xn.narrow(0, 0, rows);
     Tensor pre_b;
-    if (recompute) {
+    if (recompute) {  // as the forward made it, bias in the GEMM (the same bits)
       pre_b = pre_buf.narrow(0, 0, rows);
-      at::mm_out(pre_b, xn_b, fc_weight.t());
+      if (fc_bias.has_value()) {
+        at::addmm_out(pre_b, *fc_bias, xn_b, fc_weight.t());
+      } else {
+        at::mm_out(pre_b, xn_b, fc_weight.t());
+      }
     } else {
       pre_b = pre_act.narrow(0, r0, rows);
     }
@@ -160,8 +167,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     Tensor dpre_b = dpre.narrow(0, 0, rows);
     at::mm_out(dact_b, dy_b, proj_weight);
     float* fc_partial = fc_bias.has_value() ? partial.data_ptr<float>() : nullptr;
-    check_launch(op, kernels::mlp_act_bwd(dtype, act_kind, pre_b.data_ptr(), recompute ? ptr_or_null(fc_bias) : nullptr,
-                                          dact_b.data_ptr(), dpre_b.data_ptr(), fc_partial, rows, h, stream));
+    check_launch(op, kernels::mlp_act_bwd(dtype, act_kind, pre_b.data_ptr(), nullptr, dact_b.data_ptr(),
+                                          dpre_b.data_ptr(), fc_partial, rows, h, stream));
     if (fc_bias.has_value()) {
       check_launch(op, kernels::reduce_partials(fc_partial, kernels::sum_chunks(rows), fc_out,
                                                 dfc_b.data_ptr<float>(), stream));
