@@ -46,9 +46,12 @@ namespace lm = fusedlm::layernorm_mlp;
 //                 bf16 512 2.28x, 1024 1.67x, 2048 1.34x, one block 1.27x
 // One thread shows the cache at work (blocks of 512-2048 rows beat one block); with two threads
 // on a loaded machine every parallel region (each GEMM, pass and norm call: about ten per block)
-// waits for a descheduled thread, so fewer, larger blocks win. 12 MiB (fp32: 1024 rows, bf16:
-// 2048 at h = 3072) is the compromise.
-constexpr int64_t kBlockBytes = int64_t(12) << 20;
+// waits for a descheduled thread, so fewer, larger blocks win. On the quiet machine (load average
+// 0.6-1.2, 2026-11-30; interleaved medians of 15, against the six GEMMs):
+//   fp32 512 1.080x, 1024 1.044x / 1.024x, 1536 1.033x, 2048 1.018x / 1.009x, 3072 (3072 + 1024) 1.055x;
+//   bf16 512 1.072x, 1024 1.045x, 1536 1.036x, 2048 1.026x, 3072 1.081x, one block 1.12x.
+// 24 MiB: 2048 rows at h = 3072 in both dtypes (the row cap below).
+constexpr int64_t kBlockBytes = int64_t(24) << 20;
 
 // Rows per token block: about kBlockBytes of (block, fc_out) intermediate, 64-row multiples in
 // [128, 2048]; one block when that leaves less than half a block over. FUSEDLM_LNMLP_BLOCK_ROWS
