@@ -62,9 +62,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 SPLIT_ALIGN = 256  # V-split widths are multiples of this, which every BLOCK_N divides
 SLAB_BYTES = 256 << 20  # backward: bytes of the (N, C) logits / dz buffer (tests shrink it)
 SLAB_ALIGN = 128  # slab widths C are multiples of this (but the last), so buffer rows stay aligned
-# addmm(..., out_dtype=torch.float32) with a float32 input to add to: CUDA, torch >= 2.9 (as
-# csrc/torch/checks.h's FUSEDLM_ADDMM_OUT_DTYPE).
-ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)  # 2.9 pre-releases too
+# addmm(..., out_dtype=torch.float32) with a float32 input to add to: CUDA, torch >= 2.10 (2.9 has the
+# out_dtype form but rejects a float32 input with 16-bit matrices; as csrc/torch/checks.h's
+# FUSEDLM_ADDMM_OUT_DTYPE).
+ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10)  # pre-releases too
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -347,7 +348,7 @@ def _slab_cols(n: int, vocab: int, element_size: int) -> int:
 def _gemm(out, a, b, add=None, accumulate=False):
     """out = a b (+ add, a row broadcast over rows) (+ out if accumulate), accumulated in float32 and
     rounded once to out's dtype. out is a's dtype, or float32 for 16-bit a and b (dX): cuBLAS's
-    out_dtype form then (for torch < 2.9 the product rounded to a's dtype and added). CPU tensors have
+    out_dtype form then (for torch < 2.10 the product rounded to a's dtype and added). CPU tensors have
     no out_dtype GEMM and slow 16-bit ones: their 16-bit operands are widened to float32."""
     if not a.is_cuda and a.dtype != torch.float32:  # CPU: widened, rounded once by the copy
         prod = torch.mm(a.float(), b.float()) if add is None else torch.addmm(add.float(), a.float(), b.float())

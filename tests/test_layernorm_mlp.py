@@ -134,13 +134,17 @@ def test_layernorm_mlp_gpu_backends(backend, norm, activation, bias, residual, r
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("h", [96, 100, 3])
-def test_layernorm_mlp_cuda_activation_pack_paths(activation, h):
+def test_layernorm_mlp_cuda_activation_pack_paths(activation, h, monkeypatch):
     """The CUDA activation kernels move 16-byte packs when h is a multiple of the pack (8 bf16 / fp16, 4
     fp32), else one element: h = 96 packs for every dtype, 100 for fp32 only, 3 for none. 131 rows end in a
-    partial 64-row chunk and a partial batch of 4 rows; recompute passes the fc bias to the backward kernel."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for recompute in (False, True):
-            _check("cuda", (131, 48), h, dtype, activation=activation, recompute=recompute)
+    partial 64-row chunk and a partial batch of 4 rows; then the same over token blocks of 16 rows (8 full
+    and a 3-row tail: the bias sums over several blocks, the fc GEMM with its bias on 3 rows)."""
+    for blocks in (None, "16"):
+        if blocks:
+            monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", blocks)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for recompute in (False, True):
+                _check("cuda", (131, 48), h, dtype, activation=activation, recompute=recompute)
 
 
 @pytest.mark.parametrize("variant", [{"FUSEDLM_CPU_ISA": "scalar"}, {"FUSEDLM_CPU_ISA": "avx512"}],

@@ -6,8 +6,9 @@
 // so a warp moves 32 consecutive packs per row (coalesced), and the column sums of the backward are
 // plain per-thread float32 sums, one partial per chunk, reduced in chunk order by reduce_partials:
 // deterministic, no atomics. column_sum_kernel: 256 threads, one column each.
-// Memory traffic per (row, column of act): forward reads pre (2 values when gated), writes act
-// (and pre when a bias is added); backward reads pre and d(act), writes d(pre) and act.
+// Memory traffic per (row, column of act): forward reads pre (2 values when gated), writes act;
+// backward reads pre and d(act), writes d(pre) and act. pre already holds the fc bias (the driver
+// adds it in the fc GEMM).
 #include <cstdint>
 #include <initializer_list>
 
@@ -52,11 +53,6 @@ __device__ __forceinline__ void terms(float u, float* f, float* df) {
 
 constexpr bool gated(Activation a) { return a == Activation::Swiglu || a == Activation::Geglu; }
 
-template <typename T>
-__device__ __forceinline__ float rounded(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // Element-wise kernels: thread t of a block owns VEC consecutive columns of act (and the matching
 // gate / up columns of pre) for the kSumRows rows of its chunk, moved as one 16-byte Pack when the
 // width and the pointers allow (VEC = 8 for bf16 / fp16, 4 for fp32), else one element (VEC = 1).
@@ -66,27 +62,14 @@ __device__ __forceinline__ float rounded(float v) {
 constexpr int kActThreads = 128;
 constexpr int kRowBatch = 4;
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_or_zero(const T* p, float (&out)[VEC]) {
-  if (p != nullptr) {
-    detail::load<T, VEC>(p, out);
-  } else {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = 0.0f;
-  }
-}
-
 template <typename T, Activation A, int VEC>
-__global__ void __launch_bounds__(kActThreads) act_fwd_kernel(T* __restrict__ pre, const T* __restrict__ bias,
-                                                              T* __restrict__ act, int64_t rows, int64_t h) {
+__global__ void __launch_bounds__(kActThreads) act_fwd_kernel(const T* __restrict__ pre, T* __restrict__ act,
+                                                              int64_t rows, int64_t h) {
   const int64_t j = (int64_t(blockIdx.x) * kActThreads + threadIdx.x) * VEC;
   if (j >= h) return;
   const int64_t cols = gated(A) ? 2 * h : h;
   const int64_t r0 = int64_t(blockIdx.y) * kSumRows;
   const int64_t r1 = r0 + kSumRows < rows ? r0 + kSumRows : rows;
-  float ba[VEC], bb[VEC];
-  load_or_zero<T, VEC>(bias != nullptr ? bias + j : nullptr, ba);
-  load_or_zero<T, VEC>(gated(A) && bias != nullptr ? bias + h + j : nullptr, bb);
   for (int64_t i0 = r0; i0 < r1; i0 += kRowBatch) {
     float a[kRowBatch][VEC], b[kRowBatch][VEC];
 #pragma unroll
@@ -98,17 +81,6 @@ __global__ void __launch_bounds__(kActThreads) act_fwd_kernel(T* __restrict__ pr
 #pragma unroll
     for (int u = 0; u < kRowBatch; ++u) {
       if (i0 + u >= r1) continue;
-      T* p = pre + (i0 + u) * cols;
-      if (bias != nullptr) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) a[u][v] = rounded<T>(a[u][v] + ba[v]);
-        detail::store<T, VEC>(p + j, a[u]);
-        if constexpr (gated(A)) {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) b[u][v] = rounded<T>(b[u][v] + bb[v]);
-          detail::store<T, VEC>(p + h + j, b[u]);
-        }
-      }
       float out[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
@@ -123,17 +95,15 @@ __global__ void __launch_bounds__(kActThreads) act_fwd_kernel(T* __restrict__ pr
 }
 
 template <typename T, Activation A, int VEC>
-__global__ void __launch_bounds__(kActThreads) act_bwd_kernel(const T* __restrict__ pre, const T* __restrict__ bias,
-                                                              T* __restrict__ dact_act, T* __restrict__ dpre,
-                                                              float* __restrict__ partial, int64_t rows, int64_t h) {
+__global__ void __launch_bounds__(kActThreads) act_bwd_kernel(const T* __restrict__ pre, T* __restrict__ dact_act,
+                                                              T* __restrict__ dpre, float* __restrict__ partial,
+                                                              int64_t rows, int64_t h) {
   const int64_t j = (int64_t(blockIdx.x) * kActThreads + threadIdx.x) * VEC;
   if (j >= h) return;
   const int64_t cols = gated(A) ? 2 * h : h;
   const int64_t r0 = int64_t(blockIdx.y) * kSumRows;
   const int64_t r1 = r0 + kSumRows < rows ? r0 + kSumRows : rows;
-  float ba[VEC], bb[VEC], sa[VEC], sb[VEC];
-  load_or_zero<T, VEC>(bias != nullptr ? bias + j : nullptr, ba);
-  load_or_zero<T, VEC>(gated(A) && bias != nullptr ? bias + h + j : nullptr, bb);
+  float sa[VEC], sb[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = 0.0f;
   for (int64_t i0 = r0; i0 < r1; i0 += kRowBatch) {
@@ -151,13 +121,10 @@ __global__ void __launch_bounds__(kActThreads) act_bwd_kernel(const T* __restric
       float f_out[VEC], da[VEC], db[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        float x = a[u][v];
-        if (bias != nullptr) x = rounded<T>(x + ba[v]);
         float f, df;
-        terms<A>(x, &f, &df);
+        terms<A>(a[u][v], &f, &df);
         if constexpr (gated(A)) {
-          float y = b[u][v];
-          if (bias != nullptr) y = rounded<T>(y + bb[v]);
+          const float y = b[u][v];
           f_out[v] = f * y;
           da[v] = g[u][v] * y * df;
           db[v] = g[u][v] * f;
@@ -233,27 +200,25 @@ bool packs_fit(int64_t h, std::initializer_list<const void*> pointers) {
 
 // One launch per (T, activation) instance; the switch picks the instance for the runtime values.
 struct FwdLaunch {
-  void* pre;
-  const void* bias;
+  const void* pre;
   void* act;
   int64_t rows, h;
   cudaStream_t stream;
   template <typename T, Activation A>
   void run() const {
     constexpr int kVec = 16 / sizeof(T);
-    if (packs_fit<T>(h, {pre, bias, act})) {
+    if (packs_fit<T>(h, {pre, act})) {
       act_fwd_kernel<T, A, kVec><<<act_grid(h, rows, kVec), kActThreads, 0, stream>>>(
-          static_cast<T*>(pre), static_cast<const T*>(bias), static_cast<T*>(act), rows, h);
+          static_cast<const T*>(pre), static_cast<T*>(act), rows, h);
     } else {
       act_fwd_kernel<T, A, 1><<<act_grid(h, rows, 1), kActThreads, 0, stream>>>(
-          static_cast<T*>(pre), static_cast<const T*>(bias), static_cast<T*>(act), rows, h);
+          static_cast<const T*>(pre), static_cast<T*>(act), rows, h);
     }
   }
 };
 
 struct BwdLaunch {
   const void* pre;
-  const void* bias;
   void* dact_act;
   void* dpre;
   float* partial;
@@ -262,14 +227,12 @@ struct BwdLaunch {
   template <typename T, Activation A>
   void run() const {
     constexpr int kVec = 16 / sizeof(T);
-    if (packs_fit<T>(h, {pre, bias, dact_act, dpre})) {
+    if (packs_fit<T>(h, {pre, dact_act, dpre})) {
       act_bwd_kernel<T, A, kVec><<<act_grid(h, rows, kVec), kActThreads, 0, stream>>>(
-          static_cast<const T*>(pre), static_cast<const T*>(bias), static_cast<T*>(dact_act), static_cast<T*>(dpre),
-          partial, rows, h);
+          static_cast<const T*>(pre), static_cast<T*>(dact_act), static_cast<T*>(dpre), partial, rows, h);
     } else {
       act_bwd_kernel<T, A, 1><<<act_grid(h, rows, 1), kActThreads, 0, stream>>>(
-          static_cast<const T*>(pre), static_cast<const T*>(bias), static_cast<T*>(dact_act), static_cast<T*>(dpre),
-          partial, rows, h);
+          static_cast<const T*>(pre), static_cast<T*>(dact_act), static_cast<T*>(dpre), partial, rows, h);
     }
   }
 };
@@ -297,17 +260,17 @@ void by_dtype(DType dtype, Activation activation, const Launch& l) {
 
 }  // namespace
 
-cudaError_t mlp_act_fwd(DType dtype, Activation activation, void* pre, const void* bias, void* act, int64_t rows,
-                        int64_t h, cudaStream_t stream) {
+cudaError_t mlp_act_fwd(DType dtype, Activation activation, const void* pre, void* act, int64_t rows, int64_t h,
+                        cudaStream_t stream) {
   if (rows <= 0 || h <= 0) return cudaSuccess;
-  by_dtype(dtype, activation, FwdLaunch{pre, bias, act, rows, h, stream});
+  by_dtype(dtype, activation, FwdLaunch{pre, act, rows, h, stream});
   return cudaGetLastError();
 }
 
-cudaError_t mlp_act_bwd(DType dtype, Activation activation, const void* pre, const void* bias, void* dact_act,
-                        void* dpre, float* dbias_partial, int64_t rows, int64_t h, cudaStream_t stream) {
+cudaError_t mlp_act_bwd(DType dtype, Activation activation, const void* pre, void* dact_act, void* dpre,
+                        float* dbias_partial, int64_t rows, int64_t h, cudaStream_t stream) {
   if (rows <= 0 || h <= 0) return cudaSuccess;
-  by_dtype(dtype, activation, BwdLaunch{pre, bias, dact_act, dpre, dbias_partial, rows, h, stream});
+  by_dtype(dtype, activation, BwdLaunch{pre, dact_act, dpre, dbias_partial, rows, h, stream});
   return cudaGetLastError();
 }
 

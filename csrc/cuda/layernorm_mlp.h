@@ -25,15 +25,14 @@ enum class Activation : int { Gelu = 0, GeluTanh = 1, Relu = 2, Silu = 3, Swiglu
 constexpr int64_t kSumRows = 64;
 inline int64_t sum_chunks(int64_t rows) { return (rows + kSumRows - 1) / kSumRows; }
 
-// pre (+= bias, stored rounded to dtype, when bias is given); act = f(pre) (gated: f(a) * b).
-cudaError_t mlp_act_fwd(DType dtype, Activation activation, void* pre, const void* bias, void* act, int64_t rows,
-                        int64_t h, cudaStream_t stream);
+// act = f(pre) (gated: f(a) * b); pre holds the fc bias already (added in the fc GEMM).
+cudaError_t mlp_act_fwd(DType dtype, Activation activation, const void* pre, void* act, int64_t rows, int64_t h,
+                        cudaStream_t stream);
 
-// Reads pre (+ bias on the fly, when given: pre recomputed without it) and d(act) from dact_act;
-// writes d(pre) and act (over d(act)). dbias_partial (sum_chunks(rows) x fc_out floats, or null):
-// the column sums of d(pre) per chunk of kSumRows rows.
-cudaError_t mlp_act_bwd(DType dtype, Activation activation, const void* pre, const void* bias, void* dact_act,
-                        void* dpre, float* dbias_partial, int64_t rows, int64_t h, cudaStream_t stream);
+// Reads pre and d(act) from dact_act; writes d(pre) and act (over d(act)). dbias_partial
+// (sum_chunks(rows) x fc_out floats, or null): the column sums of d(pre) per chunk of kSumRows rows.
+cudaError_t mlp_act_bwd(DType dtype, Activation activation, const void* pre, void* dact_act, void* dpre,
+                        float* dbias_partial, int64_t rows, int64_t h, cudaStream_t stream);
 
 // partial[c, j] = sum of x[i, j] over the rows i of chunk c (sum_chunks(rows) x cols floats).
 cudaError_t column_sum_partials(DType dtype, const void* x, float* partial, int64_t rows, int64_t cols,

@@ -13,8 +13,10 @@
 #include <string>
 
 // at::addmm_out with an out_dtype (16-bit inputs, float32 accumulation and output in one cuBLAS
-// call) exists from torch 2.9; the CUDA bindings use it for float32 weight-gradient sums.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+// call) exists from torch 2.9, but a float32 `self` with 16-bit matrices (how the CUDA bindings add
+// into float32 weight-gradient sums) is accepted from 2.10 (pytorch PR 167931); before it the
+// bindings add a 16-bit GEMM's result instead.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
 #define FUSEDLM_ADDMM_OUT_DTYPE 1
 #else
 #define FUSEDLM_ADDMM_OUT_DTYPE 0

@@ -90,8 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cuda(
         norm_rows(op, x, r0, rows, norm_weight, norm_bias, xn, mean, rstd, eps, rms, dtype, stream);
       },
       [&](const Tensor& pre_b, const Tensor& act, int64_t rows) {
-        check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), nullptr, act.data_ptr(), rows,
-                                              dims.h, stream));
+        check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), act.data_ptr(), rows, dims.h, stream));
       });
 }
 
@@ -144,8 +143,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor stats = at::empty({2 * m}, f32);
   float* const mean = stats.data_ptr<float>();
   float* const rstd = mean + m;
-  const int64_t partial_cols = std::max(fc_out, d);
-  Tensor partial = at::empty({kernels::sum_chunks(std::max(block, m)) * partial_cols}, f32);
+  // Column-sum partials of one block (d(pre) for the fc bias, dy for the proj bias), reduced in
+  // chunk order, then block order: deterministic.
+  Tensor partial = at::empty({kernels::sum_chunks(block) * std::max(fc_out, d)}, f32);
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
@@ -167,11 +167,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     Tensor dpre_b = dpre.narrow(0, 0, rows);
     at::mm_out(dact_b, dy_b, proj_weight);
     float* fc_partial = fc_bias.has_value() ? partial.data_ptr<float>() : nullptr;
-    check_launch(op, kernels::mlp_act_bwd(dtype, act_kind, pre_b.data_ptr(), nullptr, dact_b.data_ptr(),
-                                          dpre_b.data_ptr(), fc_partial, rows, h, stream));
+    check_launch(op, kernels::mlp_act_bwd(dtype, act_kind, pre_b.data_ptr(), dact_b.data_ptr(), dpre_b.data_ptr(),
+                                          fc_partial, rows, h, stream));
     if (fc_bias.has_value()) {
       check_launch(op, kernels::reduce_partials(fc_partial, kernels::sum_chunks(rows), fc_out,
                                                 dfc_b.data_ptr<float>(), stream));
+    }
+    if (proj_bias.has_value()) {  // per block: the partials' grid stays within CUDA's 65535 rows of chunks
+      check_launch(op,
+                   kernels::column_sum_partials(dtype, dy_b.data_ptr(), partial.data_ptr<float>(), rows, d, stream));
+      check_launch(op, kernels::reduce_partials(partial.data_ptr<float>(), kernels::sum_chunks(rows), d,
+                                                dproj_b.data_ptr<float>(), stream));
     }
     gemm_accumulate(dproj_w, dy_b.t(), dact_b);   // dproj_w += dy^T act
     gemm_accumulate(dfc_w, dpre_b.t(), xn_b);     // dfc_w += d(pre)^T xn
@@ -186,11 +192,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
                                            dnorm_w.data_ptr(),
                                            norm_bias.has_value() ? dnorm_b.data_ptr() : nullptr,
                                            ws.data_ptr<float>(), ws_floats, m, d, rms, stream));
-  if (proj_bias.has_value()) {
-    check_launch(op, kernels::column_sum_partials(dtype, dy.data_ptr(), partial.data_ptr<float>(), m, d, stream));
-    check_launch(op, kernels::reduce_partials(partial.data_ptr<float>(), kernels::sum_chunks(m), d,
-                                              dproj_b.data_ptr<float>(), stream));
-  }
   const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
   return {dx, dnorm_w, dnorm_b, out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
 }
