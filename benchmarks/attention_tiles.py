@@ -15,7 +15,6 @@ fatal. `benchmarks/gpu_check.sh` runs it; its results decide the next table edit
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -68,8 +67,11 @@ def sweep(family: str, b: int, h: int, n: int, device: str, dtype: torch.dtype, 
         out, lse = kernels.attention_fwd(q, k, v, True, scale)
         for kernel in ("dkdv", "dq"):
             now = config_of(q, d, kernel)
-            rows = []
-            for config in CANDIDATES.get((family, kernel, d), [now]):
+            # the library's tile first, so that every later line can print its ratio at once (a
+            # time-boxed run keeps the lines it got to)
+            candidates = CANDIDATES.get((family, kernel, d), [])
+            base = None
+            for config in [now] + [c for c in candidates if c != now]:
                 kernels._config = (lambda q_, block_d, name, c=config, forced=kernel:
                                    c if name == forced else config_of(q_, block_d, name))
                 try:
@@ -81,15 +83,13 @@ def sweep(family: str, b: int, h: int, n: int, device: str, dtype: torch.dtype, 
                     note = ""
                 finally:
                     kernels._config = config_of
-                rows.append((config, ms, note))
-            base = next((ms for config, ms, _ in rows if config == now), None)
-            for config, ms, note in rows:
+                if config == now:
+                    base = ms
                 mark = " (now)" if config == now else ""
                 ratio = f"{base / ms:6.2f}x" if ms and base else ""
                 shown = f"{ms:9.3f}" if ms is not None else f"{'-':>9}"
-                print(f"{kernel:<6} {d:>4} {str(config) + mark:<40} {shown} {ratio:>7} {note}")
+                print(f"{kernel:<6} {d:>4} {str(config) + mark:<40} {shown} {ratio:>7} {note}", flush=True)
                 results.append((kernel, d, config, ms, note))
-        sys.stdout.flush()
     return results
 
 
