@@ -1,5 +1,5 @@
 """The Triton attention backward's tiles, timed against each other on a GPU: the data behind the
-static backward tables of kernels/attention.py (_GPU_DKDV, _GPU_DQ and the per-family _GPU_FAMILY).
+static backward tables of kernels/attention_config.py (_GPU_DKDV, _GPU_DQ and the per-family _GPU_FAMILY).
 
     python -m fusedlm.benchmarks.attention_tiles [--heads 16] [--tokens 4096] [--batch 4]
 
@@ -20,7 +20,7 @@ import torch
 
 # (family, kernel, head-dim bucket) -> (BLOCK_M, BLOCK_N, warps, stages) tiles to time: the library's
 # entries plus the neighbours that compile without spills for sm_90a with Triton 3.6 or 3.9 (the report of
-# kernels/attention.py's _GPU_FAMILY comment has the stack bytes).
+# kernels/attention_config.py's _GPU_FAMILY comment has the stack bytes).
 CANDIDATES = {
     ("sm90", "dkdv", 64): [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
     ("sm90", "dkdv", 128): [(16, 64, 8, 1), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1)],
@@ -78,7 +78,8 @@ def sweep(family: str, b: int, h: int, n: int, device: str, dtype: torch.dtype, 
                     ms = bench(lambda: kernels.attention_bwd(do, q, k, v, out, lse, None, True, scale),
                                warmup=5, rep=40, return_mode="median")
                 except Exception as exc:  # a tile that does not compile or launch here: reported, not fatal
-                    ms, note = None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}"
+                    first = str(exc).splitlines()[0][:60] if str(exc) else ""
+                    ms, note = None, f"failed: {type(exc).__name__}: {first}"
                 else:
                     note = ""
                 finally:
