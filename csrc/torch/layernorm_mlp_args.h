@@ -86,6 +86,17 @@ inline bool check_saved(const char* op, const Dims& dims, const at::Tensor& x, c
   return recompute;
 }
 
+// pre = xn fc_w^T (+ bias, in the GEMM's epilogue: cuBLASLt's on CUDA), into `pre`. The forward and
+// the CUDA backward's recompute both call this, so a recomputed pre_act has the forward's bits.
+inline void fc_pre(at::Tensor& pre, const at::Tensor& xn, const at::Tensor& fc_wt,
+                   const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(pre, *bias, xn, fc_wt);
+  } else {
+    at::mm_out(pre, xn, fc_wt);
+  }
+}
+
 // The forward over blocks of `block` token rows; the devices differ only in their norm and
 // activation kernels, passed in as
 //   norm_rows(r0, rows, xn, mean or nullptr (rmsnorm), rstd): xn = norm(x[r0 : r0 + rows]) and its statistics
@@ -122,11 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const int64_t rows = std::min(block, m - r0);
     norm_rows(r0, rows, xn, rms ? nullptr : mean.data_ptr<float>() + r0, rstd.data_ptr<float>() + r0);
     Tensor pre_b = recompute ? pre_buf.narrow(0, 0, rows) : pre_act.narrow(0, r0, rows);
-    if (gemm_bias.has_value()) {
-      at::addmm_out(pre_b, *gemm_bias, xn.narrow(0, 0, rows), fc_wt);
-    } else {
-      at::mm_out(pre_b, xn.narrow(0, 0, rows), fc_wt);
-    }
+    fc_pre(pre_b, xn.narrow(0, 0, rows), fc_wt, gemm_bias);
     act_fwd(pre_b, act, rows);
     Tensor y_b = y.narrow(0, r0, rows);
     const Tensor act_b = act.narrow(0, 0, rows);

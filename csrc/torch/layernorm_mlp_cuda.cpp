@@ -154,11 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     Tensor pre_b;
     if (recompute) {  // as the forward made it, bias in the GEMM (the same bits)
       pre_b = pre_buf.narrow(0, 0, rows);
-      if (fc_bias.has_value()) {
-        at::addmm_out(pre_b, *fc_bias, xn_b, fc_weight.t());
-      } else {
-        at::mm_out(pre_b, xn_b, fc_weight.t());
-      }
+      lm::fc_pre(pre_b, xn_b, fc_weight.t(), fc_bias);
     } else {
       pre_b = pre_act.narrow(0, r0, rows);
     }
