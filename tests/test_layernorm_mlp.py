@@ -105,6 +105,15 @@ def test_layernorm_mlp_cpu_bf16(small_blocks, norm, activation, recompute):
            grads=activation != "relu")
 
 
+@pytest.mark.parametrize("activation,recompute", [("gelu_tanh", False), ("swiglu", True)])
+def test_layernorm_mlp_cpu_bf16_two_blocks(monkeypatch, activation, recompute):
+    """Exactly two token blocks (33 rows: 17 + 16), where the bf16 weight gradients of the second
+    block are added to the first's in one pass instead of through fp32 sums."""
+    _require_cpu_kernel()
+    monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", "17")
+    _check("cpu", (33, 97), 200, torch.bfloat16, activation=activation, recompute=recompute)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation,recompute", [("gelu_tanh", False), ("swiglu", True)])
 def test_layernorm_mlp_cpu_gpt2_width(dtype, activation, recompute):

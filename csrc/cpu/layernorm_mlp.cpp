@@ -57,6 +57,7 @@ inline float vabs(float x) { return std::fabs(x); }
 inline float vrelu(float x) { return x > 0.0f ? x : 0.0f; }
 inline float vstep(float x) { return x > 0.0f ? 1.0f : 0.0f; }
 inline float vsign_of(float u, float v) { return u < 0.0f ? -v : v; }
+inline float vrcp(float x) { return 1.0f / x; }
 
 struct ScalarIsa {
   using V = float;
@@ -197,18 +198,26 @@ inline uint16_t bf16_bits_rne(float v) {
   return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 
-// Both arrays cut into one list of fixed 4096-element chunks, spread over the threads.
-void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t n1, FoldStep step,
-                     int num_threads) {
+// fn(array, begin, end) over both arrays cut into one list of fixed 4096-element chunks, spread
+// over the threads (array 0 or 1; [begin, end) within it).
+template <typename Fn>
+void over_chunks(int64_t n0, int64_t n1, int num_threads, Fn fn) {
   constexpr int64_t kChunk = 4096;
   const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
   const int nt = (n0 + n1) < kMinParallelElems ? 1 : std::max(1, num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const bool first = c < c0;
-    bf16* x = first ? x0 : x1;
-    float* acc = first ? acc0 : acc1;
-    const int64_t begin = (first ? c : c - c0) * kChunk, end = std::min(first ? n0 : n1, begin + kChunk);
+    const int array = c < c0 ? 0 : 1;
+    const int64_t begin = (array == 0 ? c : c - c0) * kChunk;
+    fn(array, begin, std::min(array == 0 ? n0 : n1, begin + kChunk));
+  }
+}
+
+void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t n1, FoldStep step,
+               int num_threads) {
+  over_chunks(n0, n1, num_threads, [&](int array, int64_t begin, int64_t end) {
+    bf16* x = array == 0 ? x0 : x1;
+    float* acc = array == 0 ? acc0 : acc1;
     switch (step) {
       case FoldStep::First:
         for (int64_t i = begin; i < end; ++i) acc[i] = mlp::to_float(x[i]);
@@ -220,7 +229,15 @@ void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t
         for (int64_t i = begin; i < end; ++i) x[i].bits = bf16_bits_rne(acc[i] + mlp::to_float(x[i]));
         break;
     }
-  }
+  });
+}
+
+void sum_bf16_pair(bf16* x0, const bf16* y0, int64_t n0, bf16* x1, const bf16* y1, int64_t n1, int num_threads) {
+  over_chunks(n0, n1, num_threads, [&](int array, int64_t begin, int64_t end) {
+    bf16* x = array == 0 ? x0 : x1;
+    const bf16* y = array == 0 ? y0 : y1;
+    for (int64_t i = begin; i < end; ++i) x[i].bits = bf16_bits_rne(mlp::to_float(x[i]) + mlp::to_float(y[i]));
+  });
 }
 
 }  // namespace
@@ -259,6 +276,12 @@ void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, floa
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads) {
   fold_bf16(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
+}
+
+void sum_bf16_block_pair(void* x0, const void* y0, int64_t n0, void* x1, const void* y1, int64_t n1,
+                         int num_threads) {
+  sum_bf16_pair(static_cast<bf16*>(x0), static_cast<const bf16*>(y0), n0, static_cast<bf16*>(x1),
+                static_cast<const bf16*>(y1), n1, num_threads);
 }
 
 }  // namespace cpu

@@ -9,7 +9,7 @@
 // rounded to T; add_to(float*, V, Mask) (+= into fp32 column sums). The math functions,
 // overloaded on V, must be declared before this header is included (V is no class, so the
 // templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep, vsign_of(u, v) (v >= 0
-// with the sign of u).
+// with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp).
 #pragma once
 
 #include <cstdint>
@@ -61,7 +61,7 @@ inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
     // same formula as ATen's vectorised erf), whose exp(-z^2) is also phi's exp(-u^2 / 2).
     const V e = vexp(u * u * -0.5f);
     const V z = vabs(u) * kSqrt1_2;
-    const V t = 1.0f / (1.0f + 0.3275911f * z);
+    const V t = vrcp(1.0f + 0.3275911f * z);
     const V poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
     const V erf = vsign_of(u, 1.0f - poly * e);
     const V phi_cdf = 0.5f + 0.5f * erf;
@@ -70,14 +70,14 @@ inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
   } else if constexpr (A == Activation::GeluTanh) {
     // 0.5 (1 + tanh(y)) = sigmoid(2 y): no cancellation near 0, one exp.
     const V u2 = u * u;
-    const V s = 1.0f / (1.0f + vexp(u * (1.0f + kTanhC * u2) * (-2.0f * kTanhK)));
+    const V s = vrcp(1.0f + vexp(u * (1.0f + kTanhC * u2) * (-2.0f * kTanhK)));
     *f = u * s;
     *df = s + (2.0f * kTanhK) * u * s * (1.0f - s) * (1.0f + (3.0f * kTanhC) * u2);
   } else if constexpr (A == Activation::Relu) {
     *f = vrelu(u);
     *df = vstep(u);
   } else {  // Silu, Swiglu
-    const V s = 1.0f / (1.0f + vexp(-u));
+    const V s = vrcp(1.0f + vexp(-u));
     *f = u * s;
     *df = s * (1.0f + u * (1.0f - s));
   }

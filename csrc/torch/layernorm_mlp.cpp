@@ -171,15 +171,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   Tensor ln_ws = at::empty({cpu::layer_norm_bwd_workspace_floats(block, d)}, f32);
   // The weight gradients. fp32: the first block's GEMMs write them, the others add (beta = 1). bf16:
   // each block's GEMMs write dfc_w / dproj_w in bf16 and fold_bf16_block sums them in fp32 (the
-  // last block rounds the sum back into them); one block alone needs no fp32 sum.
+  // last block rounds the sum back into them); over exactly two blocks the second block's GEMMs
+  // write into scratch and one pass adds the pair (the same bits, no fp32 sums); one block alone
+  // needs neither. dfc_acc / dproj_acc: the fp32 sums, or the pair's second bf16 results.
   const int64_t num_blocks = (m + block - 1) / block;
+  const bool bf16_pair = bf16 && num_blocks == 2, bf16_fold = bf16 && num_blocks > 2;
   const auto zeros_if_no_rows = [&](at::IntArrayRef shape, at::TensorOptions o) {
     return m == 0 ? at::zeros(shape, o) : at::empty(shape, o);
   };
   Tensor dfc_w = zeros_if_no_rows({fc_out, d}, bf16 ? x.options() : f32);
   Tensor dproj_w = zeros_if_no_rows({d, h}, bf16 ? x.options() : f32);
-  Tensor dfc_acc = bf16 && num_blocks > 1 ? at::empty({fc_out, d}, f32) : Tensor();
-  Tensor dproj_acc = bf16 && num_blocks > 1 ? at::empty({d, h}, f32) : Tensor();
+  Tensor dfc_acc = bf16_fold ? at::empty({fc_out, d}, f32) : bf16_pair ? at::empty({fc_out, d}, x.options()) : Tensor();
+  Tensor dproj_acc = bf16_fold ? at::empty({d, h}, f32) : bf16_pair ? at::empty({d, h}, x.options()) : Tensor();
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
@@ -214,9 +217,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
 
     // dproj_w += dy^T act, dfc_w += d(pre)^T xn.
     if (bf16 || r0 == 0) {
-      at::mm_out(dproj_w, dy_b.t(), dact_b);
-      at::mm_out(dfc_w, dpre_b.t(), xn_b);
-      if (bf16 && num_blocks > 1) {
+      const bool second_of_pair = bf16_pair && r0 > 0;
+      at::mm_out(second_of_pair ? dproj_acc : dproj_w, dy_b.t(), dact_b);
+      at::mm_out(second_of_pair ? dfc_acc : dfc_w, dpre_b.t(), xn_b);
+      if (second_of_pair) {
+        cpu::sum_bf16_block_pair(dproj_w.data_ptr(), dproj_acc.data_ptr(), d * h, dfc_w.data_ptr(),
+                                 dfc_acc.data_ptr(), fc_out * d, nt);
+      } else if (bf16_fold) {
         const auto step = r0 == 0 ? cpu::FoldStep::First : r0 + rows == m ? cpu::FoldStep::Last : cpu::FoldStep::Middle;
         cpu::fold_bf16_block(dproj_w.data_ptr(), dproj_acc.data_ptr<float>(), d * h, dfc_w.data_ptr(),
                              dfc_acc.data_ptr<float>(), fc_out * d, step, nt);
