@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 DEV_PKGS := "triton>=3.2" ninja numpy pytest pytest-benchmark hypothesis transformers matplotlib tqdm setuptools wheel
 SOURCES := setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: test bench bench-full build cuda-check gpu-report clean
+.PHONY: test bench bench-full build cuda-check gpu-report gpu-report-triton36 clean
 
 # The venv: keeps an importable torch (a system one is reused through system site-packages),
 # otherwise installs $(TORCH_SPEC), the CPU build here.
@@ -48,6 +48,10 @@ cuda-check:
 
 gpu-report: $(VENV)/.built
 	$(VPY) -m fusedlm.gpu_report
+
+# the same report as Triton 3.6 (the H200 machine's release) compiles it; prints only
+gpu-report-triton36: $(VENV)/.built
+	PYTHON=$(VPY) bash scripts/gpu_report_triton.sh 3.6.0
 
 clean:
 	rm -rf build *.egg-info python/fusedlm/*.so $(VENV)/.built

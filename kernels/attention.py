@@ -35,7 +35,7 @@ Head dims: BLOCK_D = next_power_of_2(D), and HEAD_DIM = D is a constexpr, so 80 
 columns while 64, 128 and 256 load whole rows (vectorised).
 
 Launch configuration (kernels/attention_config.py): `_gpu_config` is one table per (head-dim bucket, 16- or
-32-bit input) for sm_80 and sm_90, `_GPU_FAMILY` the backward entries that differ by family; for the
+32-bit input) for sm_80 and sm_90, `_GPU_FAMILY` the entries that differ by family (or Triton release); for the
 16-bit forward at 64 < D <= 128 `_fwd_config` times a few candidate tiles per GPU family on the first call
 of each class of shapes and keeps the fastest. Every entry and candidate is compiled by
 `static_report_specs()` (python -m fusedlm.gpu_report), causal and not, without spills.
@@ -426,7 +426,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, causal: bool, scale: float):
 def static_report_specs() -> list[dict]:
     """One spec per (kernel, configuration the GPU tables can pick, dtype, head-dim bucket, causal or not:
     the causal variant has more code, but the other spilled where it did not). Forward candidates and the
-    backward's _GPU_FAMILY entries of one arch family compile for that arch only. Head dims 80 and 96
+    _GPU_FAMILY entries of one arch family (this Triton release's) compile for that arch only. Head dims 80 and 96
     share the 128 bucket (BLOCK_D = 128, masked columns; HEAD_DIM = 80 is compiled too); attrs say that
     pointers and row strides are 16-divisible, as the JIT finds them for D % 8 == 0 in 16-bit and D % 4 == 0
     in fp32 (every head dim the op takes).
@@ -437,32 +437,32 @@ def static_report_specs() -> list[dict]:
         p = "*" + dtype
         for block_d, head_dim in ((64, 64), (128, 128), (128, 80), (256, 256)):  # 80: masked columns
             common = {"CAUSAL": causal, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "IEEE": dtype == "fp32"}
-            default = _gpu_config(block_d, dtype, "fwd")
-            fwd = [(default, None)] + [
-                (config, REPORT_ARCHS[family])
-                for (family, bucket, low), configs in _GPU_FWD_CANDIDATES.items()
-                if bucket == _bucket(block_d) and low == (dtype != "fp32") for config in configs if config != default]
-            for (bm, bn, warps, stages), archs in fwd:
-                spec = _spec(_attn_fwd_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
-                             [p] * 4 + ["*fp32"] + ["i32"] * 16 + ["fp32"])
-                specs.append(spec if archs is None else {**spec, "archs": archs})
-            bwd_types = ["i32"] * 16 + ["fp32", "fp32"]
 
-            def bwd_configs(kernel):  # (configuration, the archs it runs on), shared entry first
+            def family_configs(kernel):  # (configuration, the archs it runs on), shared entry first
                 keys = {family: (family, kernel, _bucket(block_d), dtype != "fp32") for family in REPORT_ARCHS}
                 shared = tuple(a for family, archs in REPORT_ARCHS.items() if keys[family] not in _GPU_FAMILY
                                for a in archs)
                 return [(_gpu_config(block_d, dtype, kernel), shared)] * bool(shared) + [
                     (_GPU_FAMILY[key], REPORT_ARCHS[family]) for family, key in keys.items() if key in _GPU_FAMILY]
 
-            for (bm, bn, warps, stages), archs in bwd_configs("dkdv"):
+            fwd = family_configs("fwd")
+            fwd += [(config, REPORT_ARCHS[family])
+                    for (family, bucket, low), configs in _GPU_FWD_CANDIDATES.items()
+                    if bucket == _bucket(block_d) and low == (dtype != "fp32") for config in configs
+                    if not any(c == config and set(REPORT_ARCHS[family]) <= set(a) for c, a in fwd)]
+            for (bm, bn, warps, stages), archs in fwd:
+                specs.append({**_spec(_attn_fwd_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
+                                      [p] * 4 + ["*fp32"] + ["i32"] * 16 + ["fp32"]), "archs": archs})
+            bwd_types = ["i32"] * 16 + ["fp32", "fp32"]
+
+            for (bm, bn, warps, stages), archs in family_configs("dkdv"):
                 for do_dk, do_dv, _, cols in _dkdv_passes(block_d)[:2]:  # the two column halves compile alike
                     spec = _spec(_attn_bwd_dkdv_kernel, dtype, warps, stages,
                                  {**common, "BLOCK_M": bm, "BLOCK_N": bn, "DO_DK": do_dk, "DO_DV": do_dv,
                                   "OUT_COLS": cols},
                                  [p] * 4 + ["*fp32", "*fp32", p, p] + bwd_types + ["i32"])
                     specs.append({**spec, "archs": archs})
-            for (bm, bn, warps, stages), archs in bwd_configs("dq"):
+            for (bm, bn, warps, stages), archs in family_configs("dq"):
                 spec = _spec(_attn_bwd_dq_kernel, dtype, warps, stages, {**common, "BLOCK_M": bm, "BLOCK_N": bn},
                              [p] * 4 + ["*fp32", "*fp32", p] + bwd_types)
                 specs.append({**spec, "archs": archs})

@@ -36,17 +36,20 @@ _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 #   dK/dV D64 32x32 and 32x64 (616 / 0, 656 / 8), D80 16x32 4 warps (32 / 0), D256 16x32 8 warps (0 / 16,
 #   the dK half);
 #   the dO * O row sums on 4096-element tiles (fp16 D64 and D256: 0 / 24, 48 / 8), hence PRE_TILE.
+# With Triton 3.6 (the H200 machine's) also, fp32: forward D64 32x32 at 2 stages (8-16 / 0), hence 1 stage;
+# dK/dV D64 16x32 4 warps (0 / 24); dQ D80 32x32 8 warps (0 / 16). Their replacements (forward 32x32 at 1
+# stage, dK/dV 32x16, dQ 16x32) compile clean with Triton 3.6 and 3.9 on both archs.
 _GPU_FWD = {
     (64, True): (128, 64, 8, 3), (128, True): (64, 64, 8, 2), (256, True): (64, 32, 8, 2),
-    (64, False): (32, 32, 4, 2), (128, False): (16, 16, 8, 1), (256, False): (16, 16, 4, 1),
+    (64, False): (32, 32, 4, 1), (128, False): (16, 16, 8, 1), (256, False): (16, 16, 4, 1),
 }
 _GPU_DKDV = {
     (64, True): (32, 128, 8, 2), (128, True): (16, 64, 8, 1), (256, True): (16, 64, 8, 1),
-    (64, False): (16, 32, 4, 1), (128, False): (16, 64, 8, 1), (256, False): (16, 32, 4, 1),
+    (64, False): (32, 16, 4, 1), (128, False): (16, 64, 8, 1), (256, False): (16, 32, 4, 1),
 }
 _GPU_DQ = {
     (64, True): (64, 64, 8, 2), (128, True): (64, 64, 8, 2), (256, True): (64, 32, 8, 1),
-    (64, False): (32, 32, 4, 2), (128, False): (32, 32, 8, 1), (256, False): (16, 16, 4, 1),
+    (64, False): (32, 32, 4, 2), (128, False): (16, 32, 8, 1), (256, False): (16, 16, 4, 1),
 }
 _TABLES = {"fwd": _GPU_FWD, "dkdv": _GPU_DKDV, "dq": _GPU_DQ}
 
@@ -67,6 +70,13 @@ _GPU_FAMILY = {
     ("sm90", "dq", 128, True): (128, 32, 8, 2),
     ("sm80", "dkdv", 64, True): (32, 128, 8, 1),
 }
+# Entries that depend on the Triton release. sm90 16-bit forward at D = 256: Triton 3.6 spills 120-160
+# bytes on sm_90a with the shared 64 x 32 tile (and with every 64 x 16 / 64 x 32 / 128 x 32 tile tried);
+# 64 x 64 at 8 warps and 1 stage is its only clean one, which Triton 3.9 in turn spills (64-72 bytes) while
+# it compiles 64 x 32 clean. Releases between were not checked: they take the 3.6 entry.
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
+if TRITON_VERSION < (3, 9):
+    _GPU_FAMILY[("sm90", "fwd", 256, True)] = (64, 64, 8, 1)
 
 # The forward's measured choices: (arch family, head-dim bucket, 16-bit?) -> candidates, each compiled
 # without spills for its arch (the "archs" of its report spec) by Triton 3.6 and 3.9. On the first call

@@ -263,7 +263,8 @@ def _linear_kernel(
 #   fc   128x128x64 8 warps (0 / 3856), 128x64x64 4 warps (40 / 216), 64x128x64 4 warps (40 / 128),
 #        128x128x32 8 warps (0 / 128), 128x64x32 4 warps (8 / 40); fp32 64x64x16 (0 / 8), 64x32x16 (64 / 0);
 #   dpre every 4-warp tile above 64x64 (304-720 / 248-4744), 128x128 8 warps (584-720 / 248-344),
-#        64x128x64 8 warps (0 / 136); fp32 32x32x32 (80 / 0), 64x32x16 (0 / 8).
+#        64x128x64 8 warps (0 / 136); fp32 32x32x32 (80 / 0), 64x32x16 (0 / 8); with Triton 3.6 also fp32
+#        32x64x16 at 2 stages (fc: 16 / 0), hence 1 stage (clean with 3.6 and 3.9 on both archs).
 # odd16 / odd32: widths not all multiples of 16 (e.g. d = 97). Without the JIT's divisibility
 # specialisation the loads are scalar and pipelining stages them through registers: every entry above
 # spills there (wide 16-bit 8-1848 bytes, fc / dpre 8-1040, fp32 64x64 16). Their entries run one or two
@@ -278,13 +279,17 @@ WIDE = {
 NARROW = {
     "sm90": ((128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)),
     "sm80": ((128, 64, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)),
-    "fp32": ((32, 64, 16, 4, 2),),
+    "fp32": ((32, 64, 16, 4, 1), (32, 32, 16, 4, 2)),
     "odd16": ((64, 32, 32, 4, 1), (64, 32, 16, 4, 1)),
     "odd32": ((32, 64, 16, 4, 1), (32, 32, 16, 4, 1)),
 }
 # The fc kernel on sm_90a also fits 128x128 tiles (two accumulators of 64 floats a thread at 8 warps: 253
 # registers, no spill with Triton 3.6 and 3.9); the dpre kernel, with up to three, does not (512-900 bytes).
 FC = {**NARROW, "sm90": NARROW["sm90"] + ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4))}
+# The dpre kernel on sm_80 with Triton before 3.9 (3.6 checked: the H200 machine's release): every NARROW
+# sm80 entry spills 8-32 bytes, 64x64x32 at 8 warps and 3 stages none (3.9 compiles them all clean).
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
+DPRE = {**NARROW, "sm80": ((64, 64, 32, 8, 3),)} if TRITON_VERSION < (3, 9) else NARROW
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
 MAX_STATS_BLOCK = 1024

@@ -20,7 +20,7 @@ import triton.language as tl
 from fusedlm.kernels import device_guard
 from fusedlm.kernels import layer_norm as norm_kernels
 from fusedlm.kernels.layernorm_mlp import (
-    NARROW, OP, WIDE, _act_parts, _check, _dense, _fc_pre, _gemm, _gemm_specs, _linear_kernel, _load_stats, _mma,
+    DPRE, OP, WIDE, _act_parts, _check, _dense, _fc_pre, _gemm, _gemm_specs, _linear_kernel, _load_stats, _mma,
     _normalise, _or, _tile_ids, _tuned, _widths, row_stats,
 )
 
@@ -111,7 +111,7 @@ def _dweight_kernel(
             tl.store(DBias_ptr + offs_i, bias_acc.to(DBias_ptr.dtype.element_ty), mask=i_mask)
 
 
-_tuned(_dpre_kernel, NARROW, ["d", "h", "GATED", "RECOMPUTE"])
+_tuned(_dpre_kernel, DPRE, ["d", "h", "GATED", "RECOMPUTE"])
 # dW on sm_90a also fits 128x256 tiles (246-254 registers, no spill with Triton 3.6 and 3.9; the proj GEMM
 # with its bias and residual epilogue spills there, hence a table of its own).
 DWEIGHT = {**WIDE, "sm90": WIDE["sm90"] + ((128, 256, 64, 8, 3),)}

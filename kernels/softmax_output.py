@@ -92,25 +92,28 @@ def _mm_tile(A_ptr, B_ptr, a_rows, b_rows, a_mask, b_mask, d,
 
 @triton.jit
 def _cap(z, softcap, SOFTCAP: tl.constexpr):
-    """softcap * tanh(z / softcap), tanh(y) = sign(y) (1 - e) / (1 + e) with e = exp(-2|y|) (no overflow)."""
+    """(softcap * tanh(z / softcap), tanh(z / softcap)), or (z, z) without SOFTCAP; tanh(y) = sign(y) (1 - e) / (1 + e)
+    with e = exp(-2|y|) (no overflow). The backward's derivative 1 - tanh^2 takes the tanh from here
+    rather than dividing the capped logit by softcap again."""
+    t = z
     if SOFTCAP:
         y = z / softcap
         e = tl.math.exp2(tl.abs(y) * (-2.0 * LOG2E))
         t = (1.0 - e) / (1.0 + e)
-        z = softcap * tl.where(y < 0, -t, t)
-    return z
+        t = tl.where(y < 0, -t, t)
+        z = softcap * t
+    return z, t
 
 
 @triton.jit
 def _dlogits(z, is_target, lse, scale_p, hit, shift, keep, softcap, SOFTCAP: tl.constexpr):
     """dz of a tile from its logits z; the per-token terms come broadcast to the tile's shape:
     scale_p = g (1 + 2 z_loss lse), hit = g (1 - eps), shift = g eps / V; keep masks rows and columns."""
-    c = _cap(z, softcap, SOFTCAP)
+    c, t = _cap(z, softcap, SOFTCAP)
     p = tl.math.exp2((c - lse) * LOG2E)
     dz = scale_p * p - shift - tl.where(is_target, hit, 0.0)
     if SOFTCAP:
-        u = c / softcap
-        dz = dz * (1.0 - u * u)
+        dz = dz * (1.0 - t * t)
     return tl.where(keep, dz, 0.0)  # a where, not a product: p of a padded row may be inf
 
 
@@ -153,7 +156,7 @@ def _lce_fwd_kernel(
             z += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if not IEEE:  # 16-bit: z rounded to x's dtype, as F.linear returns it and the backward's GEMM gives it
             z = z.to(X_ptr.dtype.element_ty).to(tl.float32)
-        c = _cap(z, softcap, SOFTCAP)
+        c, _ = _cap(z, softcap, SOFTCAP)
         c_max = tl.where(col_mask[None, :], c, float("-inf"))
         mx_new = tl.maximum(mx, tl.max(c_max, 1))
         shift = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # all -inf so far (a masked range): sums stay 0

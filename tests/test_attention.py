@@ -132,10 +132,10 @@ try:  # the forward tiles the GPU tuner of the Triton backend chooses from
     from fusedlm.kernels import attention as attention_kernels
 
     FWD_CANDIDATES = sorted({c for cs in attention_kernels._GPU_FWD_CANDIDATES.values() for c in cs})
-    BWD_FAMILY = sorted({(kernel, bucket, config)
-                         for (_, kernel, bucket, low), config in attention_kernels._GPU_FAMILY.items() if low})
+    FAMILY_TILES = sorted({(kernel, bucket, config)
+                           for (_, kernel, bucket, low), config in attention_kernels._GPU_FAMILY.items() if low})
 except ImportError:  # no triton: nothing to choose from
-    FWD_CANDIDATES, BWD_FAMILY = [], []
+    FWD_CANDIDATES, FAMILY_TILES = [], []
 
 
 @pytest.mark.triton
@@ -155,14 +155,17 @@ def test_attention_triton_forward_candidates(monkeypatch, config, case):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kernel,bucket,config", BWD_FAMILY, ids=str)
+@pytest.mark.parametrize("kernel,bucket,config", FAMILY_TILES, ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_attention_triton_backward_family_tiles(monkeypatch, kernel, bucket, config, causal):
-    """Each 16-bit backward tile of one GPU family (_GPU_FAMILY), forced on its kernel at head dims of its
-    bucket, GQA and Nq != Nk (bf16 on a GPU, fp16 in the interpreter, which ignores warps and stages)."""
-    config_of = attention_kernels._config
-    monkeypatch.setattr(attention_kernels, "_config",
-                        lambda q, block_d, name: config if name == kernel else config_of(q, block_d, name))
+def test_attention_triton_family_tiles(monkeypatch, kernel, bucket, config, causal):
+    """Each 16-bit tile of one GPU family or Triton release (_GPU_FAMILY), forced on its kernel at head dims
+    of its bucket, GQA and Nq != Nk (bf16 on a GPU, fp16 in the interpreter, which ignores warps and stages)."""
+    if kernel == "fwd":
+        monkeypatch.setattr(attention_kernels, "_fwd_config", lambda *args: config)
+    else:
+        config_of = attention_kernels._config
+        monkeypatch.setattr(attention_kernels, "_config",
+                            lambda q, block_d, name: config if name == kernel else config_of(q, block_d, name))
     device = backend_device("triton")
     for d in (bucket, 80) if bucket == 128 else (bucket,):
         case = (1, 4, 2, 200, 131, d, causal)
