@@ -20,6 +20,14 @@ def device_guard(op: str, t: torch.Tensor):
 REPORT_ARCHS = {"sm90": ("sm_90a",), "sm80": ("sm_80",)}
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton release the kernels compile with: register allocation differs between
+    releases, and a few launch-table entries with it (scripts/gpu_report_triton.sh checks another release)."""
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 @functools.lru_cache(None)
 def gpu_family(index: int) -> str:
     """The launch-table family of CUDA device `index`."""

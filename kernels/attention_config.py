@@ -14,7 +14,7 @@ import sys
 import torch
 import triton
 
-from fusedlm.kernels import gpu_family
+from fusedlm.kernels import gpu_family, triton_version
 
 INTERPRET_BLOCK = 64
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -74,8 +74,7 @@ _GPU_FAMILY = {
 # bytes on sm_90a with the shared 64 x 32 tile (and with every 64 x 16 / 64 x 32 / 128 x 32 tile tried);
 # 64 x 64 at 8 warps and 1 stage is its only clean one, which Triton 3.9 in turn spills (64-72 bytes) while
 # it compiles 64 x 32 clean. Releases between were not checked: they take the 3.6 entry.
-TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
-if TRITON_VERSION < (3, 9):
+if triton_version() < (3, 9):
     _GPU_FAMILY[("sm90", "fwd", 256, True)] = (64, 64, 8, 1)
 
 # The forward's measured choices: (arch family, head-dim bucket, 16-bit?) -> candidates, each compiled

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlm.kernels import REPORT_ARCHS, device_guard, gpu_family
+from fusedlm.kernels import REPORT_ARCHS, device_guard, gpu_family, triton_version
 from fusedlm.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 OP = "layernorm_mlp"
@@ -288,8 +288,7 @@ NARROW = {
 FC = {**NARROW, "sm90": NARROW["sm90"] + ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4))}
 # The dpre kernel on sm_80 with Triton before 3.9 (3.6 checked: the H200 machine's release): every NARROW
 # sm80 entry spills 8-32 bytes, 64x64x32 at 8 warps and 3 stages none (3.9 compiles them all clean).
-TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
-DPRE = {**NARROW, "sm80": ((64, 64, 32, 8, 3),)} if TRITON_VERSION < (3, 9) else NARROW
+DPRE = {**NARROW, "sm80": ((64, 64, 32, 8, 3),)} if triton_version() < (3, 9) else NARROW
 GROUP_M = 8
 STATS_TILE = 2048  # elements per row-stats program on a GPU (4 warps: 16 per thread)
 MAX_STATS_BLOCK = 1024
