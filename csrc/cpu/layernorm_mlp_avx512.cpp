@@ -34,8 +34,8 @@ FUSEDLM_INLINE __m512 vsign_of(__m512 u, __m512 v) {
   return _mm512_mask_sub_ps(v, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), v);
 }
 
-// 1 / x for x >= 1 without a division (vdivps was the slowest instruction of the backward pass,
-// which now takes 13% fewer cycles): rcp14's estimate (relative error < 2^-14) and one Newton step
+// 1 / x for x >= 1 without a division (vdivps was the hottest instruction of these passes in perf's
+// samples): rcp14's estimate (relative error < 2^-14) and one Newton step
 // r + r (1 - x r), which squares the error to below float32 rounding. x is capped at 2^126 first
 // (1 / x is below 2^-126 there and the callers add it to or multiply it by O(1) terms), so that an
 // infinite x gives a tiny r rather than the step's inf * 0 = NaN; NaN stays NaN (minps returns its
