@@ -374,6 +374,14 @@ def test_sample_bad_options():
             fusedlm.sample(x, w, **kw)
     with pytest.raises(ValueError, match="sample: weight must have shape"):
         fusedlm.sample(x, torch.randn(11, 7))
+    # NaN or inf in an input makes a row of probabilities NaN (CPU: checked; top-k / top-p keep it)
+    x_bad = x.clone()
+    x_bad[1, 2] = float("nan")
+    w_bad = w.clone()
+    w_bad[4, 0] = float("inf")  # with x >= 0: a logit of +inf (or inf * 0), whose softmax row is NaN
+    for args, kw in (((x_bad, w), {}), ((x.abs(), w_bad), dict(top_k=3)), ((x, w, torch.full((11,), float("nan"))), {})):
+        with pytest.raises(ValueError, match="sample: the probabilities of some row are NaN"):
+            fusedlm.sample(*args, **kw)
     # A generator of another device than x's (meta tensors: no computation is needed to raise).
     with pytest.raises(ValueError, match="sample: generator is on cpu but x is on meta"):
         fusedlm.sample(x.to("meta"), w.to("meta"), generator=torch.Generator())

@@ -163,6 +163,8 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
 
     Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
     generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
+    NaN or inf in x, weight or bias: a ValueError for CPU tensors; on a GPU torch.multinomial's
+    device-side assert (a check there would cost a host sync per draw).
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
@@ -177,5 +179,10 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
             return F.linear(x, weight, bias).argmax(dim=-1)
         probs = lm_head_softmax(x, weight, bias, temperature=temperature)
         probs = filter_top_k_top_p(probs.reshape(-1, weight.shape[0]), top_k, top_p)
+        # NaN or inf in x, weight or bias make a row NaN. On the CPU (synchronous anyway) that is this
+        # error; on a GPU, checking would cost a host sync per draw, and torch.multinomial's own
+        # device-side check stops the process instead.
+        if probs.device.type == "cpu" and not bool(torch.isfinite(probs).all()):
+            raise ValueError(f"{op}: the probabilities of some row are NaN: x, weight or bias holds NaN or inf")
         ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return ids.reshape(x.shape[:-1])
