@@ -32,9 +32,9 @@ Memory traffic (s = bytes per element, P = backward row programs):
 Launch configuration (no autotuning: one heuristic table, `_gpu_tile`, identical for sm_80 and sm_90,
 since the kernels are memory-bound and the table only has to keep tiles in registers without spilling):
     BLOCK_SIZE = next_power_of_2(N) (at least 16) with masked columns; narrow rows stacked BLOCK_ROWS high
-    into tiles of >= 1024 elements; 4 warps up to 2048-element tiles, 8 beyond. Checked with
-    `static_report_specs()` + cuobjdump on sm_80 and sm_90: no configuration spills (stack 0), with
-    vectorised (N % 16 == 0) or scalar (odd N) loads.
+    into tiles of >= 1024 elements; 4 warps up to 2048-element tiles, 8 beyond (two odd-width exceptions:
+    `_ODD_N_WARPS`). Checked with `static_report_specs()` + cuobjdump on sm_80 and sm_90, with Triton 3.6
+    and 3.9: no configuration spills (stack 0), with vectorised (N % 16 == 0) or scalar (odd N) loads.
     Under TRITON_INTERPRET=1 (CPU tensors) the grid is at most 8 programs with large tiles, since the
     interpreter's cost grows with the number of programs and loop iterations.
 """
@@ -246,6 +246,12 @@ def _chunks(n_cols: int) -> tuple[int, bool]:
     return (block_size, False) if block_size <= MAX_TILE else (CHUNK, True)
 
 
+# Odd widths (N % 16 != 0: scalar loads, more registers) where Triton 3.6 spilled 8 bytes on sm_80 with the
+# table's warps: (kernel, BLOCK_SIZE) -> num_warps, clean with Triton 3.6 and 3.9 on both archs. Doubling
+# the warps for every odd width instead moved the spills to other tiles (ptxas caps registers per thread).
+_ODD_N_WARPS = {("fwd", 4096): 16, ("bwd", 128): 8}
+
+
 def _gpu_tile(block_size: int, chunked: bool) -> tuple[int, int]:
     """(BLOCK_ROWS, num_warps) on sm_80 / sm_90 (one table for both: the kernels are memory-bound).
 
@@ -258,6 +264,14 @@ def _gpu_tile(block_size: int, chunked: bool) -> tuple[int, int]:
         return 1, 8
     block_rows = max(1, GPU_TILE // block_size)
     return block_rows, 4 if block_rows * block_size <= 2048 else 8
+
+
+def _gpu_launch_tile(kernel: str, block_size: int, chunked: bool, aligned: bool) -> tuple[int, int]:
+    """_gpu_tile with the odd-width exceptions of _ODD_N_WARPS for `kernel` ("fwd" or "bwd")."""
+    block_rows, num_warps = _gpu_tile(block_size, chunked)
+    if not aligned and not chunked:
+        num_warps = _ODD_N_WARPS.get((kernel, block_size), num_warps)
+    return block_rows, num_warps
 
 
 @functools.lru_cache(None)
@@ -295,7 +309,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms: bool):
         return y, h, mean, rstd
     block_size, chunked = _chunks(n)
     if x.is_cuda:
-        block_rows, num_warps = _gpu_tile(block_size, chunked)
+        block_rows, num_warps = _gpu_launch_tile("fwd", block_size, chunked, n % 16 == 0)
         rows_per_program = block_rows
     else:
         block_rows, rows_per_program = _interpreter_tile(block_size, m)
@@ -343,7 +357,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, rms: bool, has_bias: bool):
         # ~2 row programs per SM (times cdiv(N, CHUNK) column programs when chunked): enough parallelism,
         # and the P * N * 4 bytes of partials stay small beside the M * N tensors. The row split depends
         # on the SM count, so the gradients are bit-identical run to run on one GPU model.
-        block_rows, num_warps = _gpu_tile(block_size, chunked)
+        block_rows, num_warps = _gpu_launch_tile("bwd", block_size, chunked, n % 16 == 0)
         n_programs = min(triton.cdiv(m, block_rows), 2 * _sm_count(h.device.index or 0))
         rows_per_program = triton.cdiv(triton.cdiv(m, n_programs), block_rows) * block_rows
     else:
@@ -387,21 +401,22 @@ def static_report_specs() -> list[dict]:
             tiles = [(MIN_BLOCK << i, False) for i in range((MAX_TILE // MIN_BLOCK).bit_length())]
             tiles.append((CHUNK, True))
             for block_size, chunked in tiles:
-                block_rows, num_warps = _gpu_tile(block_size, chunked)
+                block_rows, fwd_warps = _gpu_launch_tile("fwd", block_size, chunked, aligned)
+                _, bwd_warps = _gpu_launch_tile("bwd", block_size, chunked, aligned)
                 what = (f"{MAX_TILE} < N <= {MAX_COLS}: {CHUNK}-column chunks" if chunked else
                         f"N <= {block_size}: {block_rows}x{block_size} tile")
                 constexprs = {"BLOCK_ROWS": block_rows, "BLOCK_SIZE": block_size, "CHUNKED": chunked}
                 specs.append(_spec(
-                    _layer_norm_fwd_kernel, dtype, aligned, num_warps,
+                    _layer_norm_fwd_kernel, dtype, aligned, fwd_warps,
                     {"HAS_RESIDUAL": True, "HAS_BIAS": True, "RMS": False, **constexprs},
                     [p] * 6 + ["*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32"],
-                    f"{what}, {num_warps} warps",
+                    f"{what}, {fwd_warps} warps",
                 ))
                 specs.append(_spec(
-                    _layer_norm_bwd_kernel, dtype, aligned, num_warps,
+                    _layer_norm_bwd_kernel, dtype, aligned, bwd_warps,
                     {"HAS_DH": True, "HAS_BIAS": True, "RMS": False, **constexprs},
                     [p] * 4 + ["*fp32", "*fp32", p, "*fp32", "*fp32", "i32", "i32", "i32", "i32"],
-                    f"{what}, {num_warps} warps",
+                    f"{what}, {bwd_warps} warps",
                 ))
             block_partials, block_size, num_warps = GPU_REDUCE
             specs.append(_spec(
