@@ -74,8 +74,9 @@ _GPU_FAMILY = {
 # bytes on sm_90a with the shared 64 x 32 tile (and with every 64 x 16 / 64 x 32 / 128 x 32 tile tried);
 # 64 x 64 at 8 warps and 1 stage is its only clean one, which Triton 3.9 in turn spills (64-72 bytes) while
 # it compiles 64 x 32 clean. Releases between were not checked: they take the 3.6 entry.
+_GPU_FAMILY_BEFORE_3_9 = {("sm90", "fwd", 256, True): (64, 64, 8, 1)}
 if triton_version() < (3, 9):
-    _GPU_FAMILY[("sm90", "fwd", 256, True)] = (64, 64, 8, 1)
+    _GPU_FAMILY.update(_GPU_FAMILY_BEFORE_3_9)
 
 # The forward's measured choices: (arch family, head-dim bucket, 16-bit?) -> candidates, each compiled
 # without spills for its arch (the "archs" of its report spec) by Triton 3.6 and 3.9. On the first call

@@ -130,10 +130,13 @@ def test_attention_matches_reference(backend, dtype, case):
 
 try:  # the forward tiles the GPU tuner of the Triton backend chooses from
     from fusedlm.kernels import attention as attention_kernels
+    from fusedlm.kernels import attention_config
 
     FWD_CANDIDATES = sorted({c for cs in attention_kernels._GPU_FWD_CANDIDATES.values() for c in cs})
+    # the entries of every Triton release, whichever is installed
     FAMILY_TILES = sorted({(kernel, bucket, config)
-                           for (_, kernel, bucket, low), config in attention_kernels._GPU_FAMILY.items() if low})
+                           for table in (attention_kernels._GPU_FAMILY, attention_config._GPU_FAMILY_BEFORE_3_9)
+                           for (_, kernel, bucket, low), config in table.items() if low})
 except ImportError:  # no triton: nothing to choose from
     FWD_CANDIDATES, FAMILY_TILES = [], []
 

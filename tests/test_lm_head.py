@@ -155,6 +155,21 @@ def test_lm_head_softmax_cpu_code_paths(monkeypatch, isa, dtype):
         _compare("cpu", *_inputs((5,), 40, vocab, dtype, "cpu", True, spread=8.0), temperature=0.6)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+@pytest.mark.parametrize("temperature", [1e-8, 1e-30])
+def test_lm_head_softmax_cpu_tiny_temperature(monkeypatch, isa, temperature):
+    """A temperature so small that every logit but the largest of its row scales far below exp's range:
+    the largest still gives exp(0) = 1 (the max is subtracted before the scaling), so each row is the
+    one-hot of its argmax, as in the reference, never 0 / 0."""
+    _need_kernel("cpu")
+    if isa == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", isa)
+    x, w, b = _inputs((64,), 40, 1000, torch.float32, "cpu", True)
+    probs = _compare("cpu", x, w, b, grads=False, temperature=temperature)
+    assert torch.equal(probs.sum(-1), torch.ones(64))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lm_head_softmax_backward_without_bias_and_through_one_input(backend):
     _need_kernel(backend)

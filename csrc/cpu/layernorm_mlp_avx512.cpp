@@ -35,13 +35,12 @@ FUSEDLM_INLINE __m512 vsign_of(__m512 u, __m512 v) {
 }
 
 // 1 / x for x >= 1 without a division (vdivps was the hottest instruction of these passes in perf's
-// samples): rcp14's estimate (relative error < 2^-14) and one Newton step
-// r + r (1 - x r), which squares the error to below float32 rounding. x is capped at 2^126 first
-// (1 / x is below 2^-126 there and the callers add it to or multiply it by O(1) terms), so that an
-// infinite x gives a tiny r rather than the step's inf * 0 = NaN; NaN stays NaN (minps returns its
-// second operand then).
+// samples): rcp14's estimate (relative error < 2^-14) and one Newton step r + r (1 - x r), which
+// squares the error to below float32 rounding (within an ulp of 1 / x up to FLT_MAX). An infinite x
+// is first capped to FLT_MAX, so that it gives a tiny r rather than the step's inf * 0 = NaN; NaN stays
+// NaN (minps returns its second operand then).
 FUSEDLM_INLINE __m512 vrcp(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(0x1p126f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(0x1.fffffep127f), x);
   const __m512 r = _mm512_rcp14_ps(x);
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
 }

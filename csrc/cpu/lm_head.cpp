@@ -3,8 +3,11 @@
 // float32 sums run in a different order, so the two agree to rounding.
 //
 // Three passes over a row of V values (200 KiB of float32 at V = 50304, which stays in L2
-// between passes): (1) read z, take max(z); (2) read z again, write e = exp(z / T - m) into probs
-// and sum it; (3) scale probs by 1 / sum in place. Traffic per row: 2 reads of the logits, one
+// between passes): (1) read z, take m = max(z); (2) read z again, write e = exp((z - m) / T) into
+// probs and sum it; (3) scale probs by 1 / sum in place. The max is subtracted before the scaling:
+// the largest logit gives exactly exp(0) = 1, however small T is (scaling first, z / T - m / T
+// leaves it the rounding error of z / T, thousands at T = 1e-10, where every exp of a row could
+// underflow and the row become 0 / 0), and the exponent's error is that of z - m, not of z / T. Traffic per row: 2 reads of the logits, one
 // read and two writes of the float32 row, against the GEMM that made the row (2 d flops per value).
 #include "cpu/lm_head.h"
 
@@ -32,10 +35,9 @@ template <typename Load>
 void row_scalar(Load load, float* p, int64_t vocab, float inv_t) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t v = 0; v < vocab; ++v) mx = std::max(mx, load(v));
-  const float m = mx * inv_t;  // max(z / T) = max(z) / T for T > 0 (rounding is monotone)
   float s = 0.f;
   for (int64_t v = 0; v < vocab; ++v) {
-    const float e = std::exp(load(v) * inv_t - m);
+    const float e = std::exp((load(v) - mx) * inv_t);
     p[v] = e;
     s += e;
   }
@@ -77,12 +79,12 @@ void row_avx512(const T* z, float* p, int64_t vocab, float inv_t) {
     const __mmask16 m = lanes(vocab - v);
     mx0 = _mm512_mask_max_ps(mx0, m, mx0, load16(z + v, m));
   }
-  const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)) * inv_t);
+  const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
   const __m512 vt = _mm512_set1_ps(inv_t);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   for (v = 0; v + 32 <= vocab; v += 32) {
-    const __m512 e0 = avx512::exp16(_mm512_fmsub_ps(load16(z + v, 0xffff), vt, vm));
-    const __m512 e1 = avx512::exp16(_mm512_fmsub_ps(load16(z + v + 16, 0xffff), vt, vm));
+    const __m512 e0 = avx512::exp16(_mm512_mul_ps(_mm512_sub_ps(load16(z + v, 0xffff), vm), vt));
+    const __m512 e1 = avx512::exp16(_mm512_mul_ps(_mm512_sub_ps(load16(z + v + 16, 0xffff), vm), vt));
     _mm512_storeu_ps(p + v, e0);
     _mm512_storeu_ps(p + v + 16, e1);
     s0 = _mm512_add_ps(s0, e0);
@@ -90,7 +92,7 @@ void row_avx512(const T* z, float* p, int64_t vocab, float inv_t) {
   }
   for (; v < vocab; v += 16) {
     const __mmask16 m = lanes(vocab - v);
-    const __m512 e = avx512::exp16(_mm512_fmsub_ps(load16(z + v, m), vt, vm));
+    const __m512 e = avx512::exp16(_mm512_mul_ps(_mm512_sub_ps(load16(z + v, m), vm), vt));
     _mm512_mask_storeu_ps(p + v, m, e);
     s0 = _mm512_mask_add_ps(s0, m, s0, e);
   }

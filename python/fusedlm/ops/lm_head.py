@@ -163,8 +163,9 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
 
     Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
     generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
-    NaN or inf in x, weight or bias: a ValueError for CPU tensors; on a GPU torch.multinomial's
-    device-side assert (a check there would cost a host sync per draw).
+    A row of NaN probabilities (NaN or +inf logits, from NaN or inf in x, weight or bias; temperature > 0):
+    a ValueError for CPU tensors; on a GPU torch.multinomial's device-side assert (a check there would
+    cost a host sync per draw). A -inf bias entry (a masked token) is fine: its probability is 0.
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
