@@ -7,12 +7,15 @@ Two launches; the logits never exist outside the output buffer.
 1. `_lm_head_logits_kernel`, program (v, m): the GEMM tile of V-columns [v BV, (v+1) BV) against
    tokens [m BM, (m+1) BM), accumulated in float32 over d in BLOCK_D steps, computed as W_v x_m^T
    so that the vocabulary side (BV = 128 on a GPU) is the MMA's M side: a decode step with one to
-   sixteen tokens still runs HGMMA / HMMA tiles. The epilogue adds the bias, scales into the base-2
-   domain, u = (z + b) log2(e) / T, stores u into probs (the output doubles as the logits buffer)
-   and writes each token's tile statistics m_t = max u, s_t = sum 2^(u - m_t) to a small (N, V / BV)
-   float32 buffer pair: the online max/sum, one tile at a time.
+   sixteen tokens still runs HGMMA / HMMA tiles. The epilogue adds the bias, stores the logits
+   l = z + b into probs (the output doubles as the logits buffer) and writes each token's tile
+   statistics m_t = max l, s_t = sum 2^((l - m_t) c), c = log2(e) / T, to a small (N, V / BV) float32
+   buffer pair: the online max/sum, one tile at a time.
 2. `_lm_head_normalize_kernel`, program (r, v): folds a token's tile statistics into its row max m
-   and sum s = sum_t s_t 2^(m_t - m), then rewrites its columns as p = 2^(u - m) / s.
+   and sum s = sum_t s_t 2^((m_t - m) c), then rewrites its columns as p = 2^((l - m) c) / s.
+The max is subtracted before the scaling by c: the largest logit gives exactly 2^0 at any T (scaled
+first, a tiny T overflows l c to inf, and inf - inf is NaN), and the exponent's rounding error is
+that of l - m, not of l / T (3e-4 relative in p at logits of 2000 and T = 0.05).
 
 Traffic: the GEMM reads W once per token block (the whole cost for decode: V d 2 bytes, 500 MiB
 at 128256 x 2048 in bf16) and writes N V 4 bytes; the second pass reads and writes those N V 4
@@ -46,8 +49,9 @@ def _lm_head_logits_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Program (v, m): u = (W_v x_m^T + b_v) * scale, (BLOCK_V, BLOCK_M), stored transposed into the
-    rows of U; per token the tile's max and sum of 2^(u - max) into TileMax / TileSum[token, v]."""
+    """Program (v, m): l = W_v x_m^T + b_v, (BLOCK_V, BLOCK_M), stored transposed into the rows of U; per
+    token the tile's max and sum of 2^((l - max) scale) into TileMax / TileSum[token, v] (a tile of
+    only -inf logits, e.g. a masked stretch of the vocabulary: max -inf, sum 0)."""
     pid_v = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -70,9 +74,10 @@ def _lm_head_logits_kernel(
         x_ptrs += BLOCK_D
     if HAS_BIAS:
         acc += tl.load(B_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[:, None]
-    u = tl.where(mask_v[:, None], acc * scale, float("-inf"))
+    u = tl.where(mask_v[:, None], acc, float("-inf"))
     tile_max = tl.max(u, 0)
-    tile_sum = tl.sum(tl.math.exp2(u - tile_max[None, :]), 0)
+    safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # 2^(-inf) = 0, never -inf - -inf
+    tile_sum = tl.sum(tl.math.exp2((u - safe[None, :]) * scale), 0)
     u_ptrs = U_ptr + offs_m.to(tl.int64)[None, :] * u_row_stride + offs_v[:, None]
     tl.store(u_ptrs, u, mask=mask_v[:, None] & mask_m[None, :])
     stat = offs_m.to(tl.int64) * n_tiles + pid_v
@@ -83,10 +88,10 @@ def _lm_head_logits_kernel(
 @triton.jit
 def _lm_head_normalize_kernel(
     U_ptr, TileMax_ptr, TileSum_ptr,
-    n_rows, vocab, u_row_stride, n_tiles,
+    n_rows, vocab, u_row_stride, n_tiles, scale,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Program (r, v): rows [r BLOCK_R, ...) x columns [v BLOCK_V, ...) of U := 2^(U - m) / s, with
+    """Program (r, v): rows [r BLOCK_R, ...) x columns [v BLOCK_V, ...) of U := 2^((U - m) scale) / s, with
     each row's (m, s) folded from its n_tiles tile statistics (every program of a row folds them
     again: n_tiles * 8 bytes, small beside the BLOCK_V * 8 bytes it rewrites). Rows on grid axis 0,
     which takes 2^31 - 1 programs (axis 1 takes 65535)."""
@@ -106,17 +111,17 @@ def _lm_head_normalize_kernel(
         t_sum = tl.load(TileSum_ptr + stat, mask=mask, other=0.0)
         new_max = tl.maximum(run_max, t_max)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # 2^(-inf - 0) = 0, never -inf - -inf
-        run_sum = run_sum * tl.math.exp2(run_max - safe) + t_sum * tl.math.exp2(t_max - safe)
+        run_sum = run_sum * tl.math.exp2((run_max - safe) * scale) + t_sum * tl.math.exp2((t_max - safe) * scale)
         run_max = new_max
     row_max = tl.max(run_max, 1)
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # only the masked rows
-    row_sum = tl.sum(run_sum * tl.math.exp2(run_max - safe_max[:, None]), 1)
+    row_sum = tl.sum(run_sum * tl.math.exp2((run_max - safe_max[:, None]) * scale), 1)
     inv_sum = 1.0 / tl.where(mask_r, row_sum, 1.0)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = mask_r[:, None] & (offs_v < vocab)[None, :]
     u_ptrs = U_ptr + rows64[:, None] * u_row_stride + offs_v[None, :]
     u = tl.load(u_ptrs, mask=mask, other=0.0)
-    tl.store(u_ptrs, tl.math.exp2(u - safe_max[:, None]) * inv_sum[:, None], mask=mask)
+    tl.store(u_ptrs, tl.math.exp2((u - safe_max[:, None]) * scale) * inv_sum[:, None], mask=mask)
 
 
 # --- launch configurations -------------------------------------------------------------------
@@ -177,6 +182,7 @@ def lm_head_softmax(x, weight, bias, temperature: float):
     probs = torch.empty((n_rows, vocab), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return probs
+    scale = LOG2E / temperature  # finite for temperature >= ops.lm_head.MIN_TEMPERATURE
     block_v, block_m, block_d, warps, stages = _gemm_config(x, n_rows, d)
     n_tiles = triton.cdiv(vocab, block_v)
     tile_max = torch.empty((n_rows, n_tiles), dtype=torch.float32, device=x.device)
@@ -190,12 +196,12 @@ def lm_head_softmax(x, weight, bias, temperature: float):
     with device_guard(OP, x):
         _lm_head_logits_kernel[(n_tiles, triton.cdiv(n_rows, block_m))](
             x, weight, bias if bias is not None else weight, probs, tile_max, tile_sum,
-            n_rows, vocab, d, x.stride(0), weight.stride(0), probs.stride(0), n_tiles, LOG2E / temperature,
+            n_rows, vocab, d, x.stride(0), weight.stride(0), probs.stride(0), n_tiles, scale,
             HAS_BIAS=bias is not None, BLOCK_V=block_v, BLOCK_M=block_m, BLOCK_D=block_d,
             IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
         )
         _lm_head_normalize_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(vocab, block_vn))](
-            probs, tile_max, tile_sum, n_rows, vocab, probs.stride(0), n_tiles,
+            probs, tile_max, tile_sum, n_rows, vocab, probs.stride(0), n_tiles, scale,
             BLOCK_R=block_r, BLOCK_V=block_vn, BLOCK_T=BLOCK_T, num_warps=warps_n, num_stages=1,
         )
     return probs
@@ -226,7 +232,7 @@ def static_report_specs() -> list[dict]:
     block_r, block_v, warps = GPU_NORMALIZE
     specs.append(_spec(
         _lm_head_normalize_kernel, "fp32", warps, 1, {"BLOCK_R": block_r, "BLOCK_V": block_v, "BLOCK_T": BLOCK_T},
-        ["*fp32"] * 3 + ["i32"] * 4, (), False, "any V",
+        ["*fp32"] * 3 + ["i32"] * 4 + ["fp32"], (), False, "any V",
     ))
     return specs
 

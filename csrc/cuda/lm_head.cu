@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) lm_head_softmax_rows_kernel(const T*
     if (zv > m) {
       s = s * exp2f((m - zv) * scale) + 1.f;
       m = zv;
-    } else {
+    } else if (m != -INFINITY) {  // a -inf logit (a masked token) before any finite one adds 0, not 2^NaN
       s += exp2f((zv - m) * scale);
     }
   }

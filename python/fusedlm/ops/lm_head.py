@@ -20,7 +20,7 @@ The C++ op schema (csrc/torch/lm_head*.cpp; the Triton op `lm_head_softmax_trito
 
     lm_head_softmax(x, weight, bias?, temperature) -> probs
         x: (N, d) contiguous float32 / bfloat16 (float16 too on CUDA and Triton); weight: (V, d) and
-        bias: (V,) of x's dtype; temperature >= MIN_TEMPERATURE (2.9e-39: 1/T finite in float32). probs: (N, V) float32.
+        bias: (V,) of x's dtype; temperature >= MIN_TEMPERATURE (4.2e-39: log2(e)/T finite in float32). probs: (N, V) float32.
 
 CPU: the GEMM through ATen (MKL/oneDNN), straight into probs for float32, per token chunk into a
 bf16 buffer for bf16 (the logits rounded as F.linear rounds them); then one OpenMP / AVX-512 row
@@ -94,7 +94,8 @@ def _op(backend: str):
 # --- the public functions --------------------------------------------------------------------
 
 # The smallest temperature whose reciprocal, the kernels' logit scale, is finite in float32.
-MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+# The kernels scale logit differences by log2(e) / T (the base-2 exponent); it must be finite in float32.
+MIN_TEMPERATURE = 1.4426950408889634 / torch.finfo(torch.float32).max
 
 
 def _check_temperature(op, temperature, *, greedy):
@@ -102,8 +103,8 @@ def _check_temperature(op, temperature, *, greedy):
     if (temperature == 0 and greedy) or temperature >= MIN_TEMPERATURE:
         return
     least = "0 (greedy) or >= " if greedy else ">= "
-    raise ValueError(f"{op}: temperature must be {least}{MIN_TEMPERATURE:.3g} (1 / temperature must be finite in "
-                     f"float32), got {temperature!r}")
+    raise ValueError(f"{op}: temperature must be {least}{MIN_TEMPERATURE:.3g} (log2(e) / temperature must be "
+                     f"finite in float32), got {temperature!r}")
 
 
 def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
@@ -112,7 +113,7 @@ def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
     Args:
         x: (..., d) float32, bfloat16 or float16 (float16: cuda / triton; float64: reference).
         weight: (V, d), bias: (V,) or None, both of x's dtype.
-        temperature: >= MIN_TEMPERATURE (about 2.9e-39, so that 1/T is finite in float32); the logits are divided by it before the softmax.
+        temperature: >= MIN_TEMPERATURE (about 4.2e-39, so that log2(e)/T is finite in float32); the logits are divided by it before the softmax.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedlm.dispatch).
 
     Returns (..., V) float32 probabilities (float64 on the reference backend for float64 inputs),
