@@ -252,24 +252,21 @@ def _chunks(n_cols: int) -> tuple[int, bool]:
 _ODD_N_WARPS = {("fwd", 4096): 16, ("bwd", 128): 8}
 
 
-def _gpu_tile(block_size: int, chunked: bool) -> tuple[int, int]:
-    """(BLOCK_ROWS, num_warps) on sm_80 / sm_90 (one table for both: the kernels are memory-bound).
+def _gpu_tile(kernel: str, block_size: int, chunked: bool, aligned: bool) -> tuple[int, int]:
+    """(BLOCK_ROWS, num_warps) of `kernel` ("fwd" or "bwd") on sm_80 / sm_90 (one table for both: the
+    kernels are memory-bound); aligned: N % 16 == 0.
 
     Tiles of >= 1024 elements, 8-16 elements per thread per row tensor: 4 warps up to 2048-element tiles,
-    8 warps for 4096 and for the 2048-column chunks of wider rows. Measured with static_report_specs():
-    16 elements per thread in a chunk loop, or 8192-element tiles on 16 warps (ptxas caps a thread at
-    128 registers there), spill when N is odd and the loads cannot be vectorised.
+    8 warps for 4096 and for the 2048-column chunks of wider rows, but for the odd-width exceptions of
+    _ODD_N_WARPS. Measured with static_report_specs(): 16 elements per thread in a chunk loop, or
+    8192-element tiles on 16 warps (ptxas caps a thread at 128 registers there), spill when N is odd and
+    the loads cannot be vectorised.
     """
     if chunked:
         return 1, 8
     block_rows = max(1, GPU_TILE // block_size)
-    return block_rows, 4 if block_rows * block_size <= 2048 else 8
-
-
-def _gpu_launch_tile(kernel: str, block_size: int, chunked: bool, aligned: bool) -> tuple[int, int]:
-    """_gpu_tile with the odd-width exceptions of _ODD_N_WARPS for `kernel` ("fwd" or "bwd")."""
-    block_rows, num_warps = _gpu_tile(block_size, chunked)
-    if not aligned and not chunked:
+    num_warps = 4 if block_rows * block_size <= 2048 else 8
+    if not aligned:
         num_warps = _ODD_N_WARPS.get((kernel, block_size), num_warps)
     return block_rows, num_warps
 
@@ -309,7 +306,7 @@ def layer_norm_fwd(x, weight, bias, residual, eps: float, rms: bool):
         return y, h, mean, rstd
     block_size, chunked = _chunks(n)
     if x.is_cuda:
-        block_rows, num_warps = _gpu_launch_tile("fwd", block_size, chunked, n % 16 == 0)
+        block_rows, num_warps = _gpu_tile("fwd", block_size, chunked, n % 16 == 0)
         rows_per_program = block_rows
     else:
         block_rows, rows_per_program = _interpreter_tile(block_size, m)
@@ -357,7 +354,7 @@ def layer_norm_bwd(dy, dh, h, weight, mean, rstd, rms: bool, has_bias: bool):
         # ~2 row programs per SM (times cdiv(N, CHUNK) column programs when chunked): enough parallelism,
         # and the P * N * 4 bytes of partials stay small beside the M * N tensors. The row split depends
         # on the SM count, so the gradients are bit-identical run to run on one GPU model.
-        block_rows, num_warps = _gpu_launch_tile("bwd", block_size, chunked, n % 16 == 0)
+        block_rows, num_warps = _gpu_tile("bwd", block_size, chunked, n % 16 == 0)
         n_programs = min(triton.cdiv(m, block_rows), 2 * _sm_count(h.device.index or 0))
         rows_per_program = triton.cdiv(triton.cdiv(m, n_programs), block_rows) * block_rows
     else:
@@ -401,8 +398,8 @@ def static_report_specs() -> list[dict]:
             tiles = [(MIN_BLOCK << i, False) for i in range((MAX_TILE // MIN_BLOCK).bit_length())]
             tiles.append((CHUNK, True))
             for block_size, chunked in tiles:
-                block_rows, fwd_warps = _gpu_launch_tile("fwd", block_size, chunked, aligned)
-                _, bwd_warps = _gpu_launch_tile("bwd", block_size, chunked, aligned)
+                block_rows, fwd_warps = _gpu_tile("fwd", block_size, chunked, aligned)
+                _, bwd_warps = _gpu_tile("bwd", block_size, chunked, aligned)
                 what = (f"{MAX_TILE} < N <= {MAX_COLS}: {CHUNK}-column chunks" if chunked else
                         f"N <= {block_size}: {block_rows}x{block_size} tile")
                 constexprs = {"BLOCK_ROWS": block_rows, "BLOCK_SIZE": block_size, "CHUNKED": chunked}
