@@ -244,6 +244,21 @@ def test_attention_cpu_portable_kernels(monkeypatch, dtype, case):
     _check_all(out, lse, grads, q, k, v, do, case[-1], dlse)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_cpu_bf16_without_avx512_bf16(monkeypatch, causal):
+    """FUSEDLM_CPU_BF16=0: bf16 inputs through fp32 copies and the fp32 AVX-512 tiles, what an
+    AVX-512 CPU without the avx512_bf16 dot products runs."""
+    if "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", "avx512")
+    monkeypatch.setenv("FUSEDLM_CPU_BF16", "0")
+    case = (2, 4, 2, 77, 130, 64, causal)
+    (q, k, v), do = _inputs(case, torch.bfloat16, "cpu")
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, dlse, causal=causal, backend="cpu")
+    _check_all(out, lse, grads, q, k, v, do, causal, dlse)
+
+
 def test_attention_cpu_isa_variable_is_checked(monkeypatch):
     monkeypatch.setenv("FUSEDLM_CPU_ISA", "sse9")
     q = torch.randn(1, 2, 5, 16)

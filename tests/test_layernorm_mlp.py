@@ -156,19 +156,61 @@ def test_layernorm_mlp_cuda_activation_pack_paths(activation, h, monkeypatch):
                 _check("cuda", (131, 48), h, dtype, activation=activation, recompute=recompute)
 
 
-@pytest.mark.parametrize("variant", [{"FUSEDLM_CPU_ISA": "scalar"}, {"FUSEDLM_CPU_ISA": "avx512"}],
-                         ids=["scalar", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_layernorm_mlp_cpu_code_paths(monkeypatch, small_blocks, variant, dtype, activation):
-    """The portable element-wise passes and the AVX-512 ones, forced one by one (odd width 97)."""
-    _require_cpu_kernel()
-    if variant["FUSEDLM_CPU_ISA"] == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+CPU_PATHS = [  # (id, environment, dtypes): the avx512_bf16 instance exists for bf16 tensors only
+    ("scalar", {"FUSEDLM_CPU_ISA": "scalar"}, (torch.float32, torch.bfloat16)),
+    ("avx512", {"FUSEDLM_CPU_ISA": "avx512", "FUSEDLM_CPU_BF16": "0"}, (torch.float32, torch.bfloat16)),
+    ("avx512_bf16", {"FUSEDLM_CPU_ISA": "avx512"}, (torch.bfloat16,)),
+]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def _set_cpu_path(monkeypatch, name, env):
+    flags = _cpu_flags()
+    if name != "scalar" and "avx512f" not in flags:
         pytest.skip("this CPU has no AVX-512")
-    monkeypatch.setenv("FUSEDLM_CPU_ISA", variant["FUSEDLM_CPU_ISA"])
+    if name == "avx512_bf16" and "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no avx512_bf16 instructions")
+    monkeypatch.delenv("FUSEDLM_CPU_BF16", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_layernorm_mlp_cpu_code_paths(monkeypatch, small_blocks, path, dtype, activation):
+    """The portable element-wise passes and the AVX-512 ones (bf16: with and without the
+    avx512_bf16 conversions), forced one by one (odd width 97)."""
+    _require_cpu_kernel()
+    _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
     # recompute on every other activation: the backward pass with and without the bias added on the fly
     _check("cpu", (33, 48), 97, dtype, activation=activation, recompute=ACTIVATIONS.index(activation) % 2 == 0,
            grads=not (dtype == torch.bfloat16 and activation == "relu"))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_layernorm_mlp_cpu_bf16_conversions_agree(monkeypatch, activation):
+    """bf16 through vcvtneps2bf16 (avx512_bf16) and through the integer rounding (bit-exact with
+    torch's): both round to nearest even, so on finite, normal values every output bit agrees."""
+    _require_cpu_kernel()
+    tensors = _inputs((2, 37, 48), 200, torch.bfloat16, "cpu", activation=activation, norm_bias=True, fc_bias=True,
+                      proj_bias=True)
+    gy = torch.randn(2, 37, 48, dtype=torch.float64)
+    runs = []
+    for name in ("avx512", "avx512_bf16"):
+        _set_cpu_path(monkeypatch, name, dict((n, e) for n, e, _ in CPU_PATHS)[name])
+        runs.append(_run(fusedlm.layernorm_mlp, tensors, gy, backend="cpu", activation=activation))
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
 
 
 def test_layernorm_mlp_backward_is_deterministic():

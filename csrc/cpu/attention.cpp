@@ -110,13 +110,10 @@ TileKernels tile_kernels(Isa isa) {
 
 // bf16 inputs take the avx512_bf16 dot products (attention_bf16.cpp) with the AVX-512 kernels on a
 // CPU that has them, for an even head dim (whole pairs); otherwise fp32 copies and fp32 tiles.
+// FUSEDLM_CPU_BF16=0 forces the fp32 copies (cpu_has_avx512_bf16, layer_norm.h).
 bool use_bf16_dot(Isa isa, int64_t head_dim) {
 #if FUSEDLM_ATTN_X86
-  static const bool has_bf16 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return isa == Isa::Avx512 && has_bf16 && head_dim % 2 == 0;
+  return isa == Isa::Avx512 && cpu_has_avx512_bf16() && head_dim % 2 == 0;
 #else
   (void)isa, (void)head_dim;
   return false;

@@ -2,10 +2,10 @@
 // `#include "cpu/avx512_region_end.h"` is compiled for avx512f/bw/vl/dq (plus avx512bf16 when the
 // file defines FUSEDLM_AVX512_REGION_BF16 first), while the rest of the library stays portable.
 // Code in the region runs only after the run-time check (select_isa in layer_norm.h, and
-// __builtin_cpu_supports("avx512bf16") for the bf16 region). Include the headers the region uses
-// before it, so that no header code is compiled for AVX-512, except a header of kernel templates
-// meant to be compiled there (layernorm_mlp_act.h in layernorm_mlp_avx512.cpp). No include guard:
-// one region per file.
+// cpu_has_avx512_bf16 for the bf16 region). Include the headers the region uses before it, so
+// that no header code is compiled for AVX-512, except headers of kernel templates meant to be
+// compiled there (layernorm_mlp_avx512_isa.h and layernorm_mlp_act.h in layernorm_mlp_avx512*.cpp).
+// No include guard: one region per file.
 #if defined(__clang__)
 #if defined(FUSEDLM_AVX512_REGION_BF16)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \

@@ -178,6 +178,23 @@ bool cpu_has_avx512() {
 #endif
 }
 
+}  // namespace
+
+bool cpu_has_avx512_bf16() {
+#if FUSEDLM_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  const char* want = std::getenv("FUSEDLM_CPU_BF16");
+  return has && !(want != nullptr && std::strcmp(want, "0") == 0);
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kMinParallelElems = int64_t(1) << 15;
 

@@ -26,6 +26,12 @@ const char* isa_name(Isa isa);
 // or names an ISA this CPU lacks.
 bool select_isa(Isa* isa, const char** error);
 
+// Whether AVX-512 kernels may also use the avx512_bf16 instructions (vcvtneps2bf16, vdpbf16ps)
+// for bf16 tensors: the CPU has them and the environment variable FUSEDLM_CPU_BF16 (read on every
+// call) is not "0". FUSEDLM_CPU_BF16=0 runs what an AVX-512 CPU without them runs, so that tests
+// cover both paths on one machine.
+bool cpu_has_avx512_bf16();
+
 // The AVX-512 kernels write outputs of 16 MiB or more per call with non-temporal stores when
 // every row is 64-byte aligned. FUSEDLM_CPU_STREAM=1 forces that for any size (where aligned),
 // =0 never; read on every call. The results are the same bits either way.

@@ -1,6 +1,7 @@
 // The element-wise passes of the CPU LayerNorm + feed-forward op: the drivers (OpenMP over column
 // ranges), the portable scalar instances of the loops of layernorm_mlp_act.h, and the choice of
-// the AVX-512 instances (layernorm_mlp_avx512.cpp) at run time.
+// the AVX-512 instances (layernorm_mlp_avx512.cpp; layernorm_mlp_avx512_bf16.cpp for bf16 tensors
+// on CPUs with avx512_bf16) at run time.
 //
 // Threads split the columns of a block, not its rows: every thread walks all rows of its column
 // range, so each fc-bias gradient column is summed by one thread in row order (the same bits
@@ -133,7 +134,10 @@ void act_fwd_typed(const MlpActFwdArgs& a) {
   const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols};
   mlp::FwdColsFn fn = mlp::fwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
-  if (a.isa == Isa::Avx512) fn = mlp::avx512_fwd_cols<T>(a.activation);
+  if (a.isa == Isa::Avx512) {
+    fn = std::is_same_v<T, bf16> && cpu_has_avx512_bf16() ? mlp::avx512_bf16_fwd_cols(a.activation)
+                                                          : mlp::avx512_fwd_cols<T>(a.activation);
+  }
 #endif
   const int nt = threads_for(a.num_threads, a.rows * cols, a.h);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
@@ -153,7 +157,10 @@ void act_bwd_typed(const MlpActBwdArgs& a) {
                   cols};
   mlp::BwdColsFn fn = mlp::bwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
-  if (a.isa == Isa::Avx512) fn = mlp::avx512_bwd_cols<T>(a.activation);
+  if (a.isa == Isa::Avx512) {
+    fn = std::is_same_v<T, bf16> && cpu_has_avx512_bf16() ? mlp::avx512_bf16_bwd_cols(a.activation)
+                                                          : mlp::avx512_bwd_cols<T>(a.activation);
+  }
 #endif
   const int nt = threads_for(a.num_threads, a.rows * cols, a.h);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)

@@ -1,8 +1,9 @@
 // Internal to csrc/cpu/layernorm_mlp*.cpp: the activation math and the column-range loops of the
-// element-wise passes, written once over an ISA class K and included by two files:
-// layernorm_mlp.cpp (K = ScalarIsa, V = float) and layernorm_mlp_avx512.cpp (K = Avx512Isa,
-// V = __m512, 16 columns per step, the last step masked), which includes it under its AVX-512
-// target pragma. Everything here has internal linkage, so the two copies never meet.
+// element-wise passes, written once over an ISA class K and included by three files:
+// layernorm_mlp.cpp (K = ScalarIsa, V = float), layernorm_mlp_avx512.cpp and
+// layernorm_mlp_avx512_bf16.cpp (K = Avx512Isa of layernorm_mlp_avx512_isa.h, V = __m512, 16
+// columns per step, the last step masked), which include it under their AVX-512 target pragma.
+// Everything here has internal linkage, so the copies never meet.
 //
 // K provides: V; Mask; W (columns per step); mask(left); load(const T*, Mask) -> V (fp32);
 // loadf(const float*, Mask); store(T*, V, Mask) -> V rounded to T; round(const T*, V) -> V
@@ -43,6 +44,9 @@ template <typename T>
 FwdColsFn avx512_fwd_cols(Activation a);
 template <typename T>
 BwdColsFn avx512_bwd_cols(Activation a);
+// The bf16 instances with vcvtneps2bf16 (layernorm_mlp_avx512_bf16.cpp), for CPUs with avx512_bf16.
+FwdColsFn avx512_bf16_fwd_cols(Activation a);
+BwdColsFn avx512_bf16_bwd_cols(Activation a);
 #endif
 
 namespace {

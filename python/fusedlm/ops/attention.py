@@ -31,7 +31,8 @@ block skipping), writes out and lse.
 
 Backends: "cpu" (float32 / bfloat16, any head dim 1..256; AVX-512 tile kernels with a portable
 fallback, FUSEDLM_CPU_ISA=scalar forces it; bf16 with an even head dim on an avx512_bf16 CPU runs its
-GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does), "cuda" (CUDA tensors, head dims 64, 80, 96, 128; mma.sync
+GEMMs as bf16 dot products, rounding P and dS to bf16 for them as FlashAttention does; FUSEDLM_CPU_BF16=0
+takes fp32 copies instead, what AVX-512 CPUs without avx512_bf16 run), "cuda" (CUDA tensors, head dims 64, 80, 96, 128; mma.sync
 tensor-core kernels for fp16/bf16, CUDA cores for fp32), "triton" (head dims 16..256 that are multiples
 of 8) and "reference". "auto" takes "cpu" for CPU tensors and "triton" for CUDA tensors (both passed their
 tests on an H200, benchmarks/RESULTS.md), and the reference for what its kernel cannot take.
