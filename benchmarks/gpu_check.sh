@@ -6,8 +6,9 @@
 #      kernels on the GPU (not the interpreter), plus any GPU-only test files
 #   3. the GPU benchmarks, one op after another (alone on the GPU): fusedlm bench --device cuda --ops OP
 #   4. diagnostics: the Triton attention backward's tiles timed against each other
-#      (python -m fusedlm.benchmarks.attention_tiles), then the kernel-time breakdown of the ops that miss
-#      their targets (python -m fusedlm.benchmarks.profile); neither counts towards the exit status
+#      (python -m fusedlm.benchmarks.attention_tiles), the host time per call on tiny inputs
+#      (python -m fusedlm.benchmarks.overhead), then the kernel-time breakdown of the ops that miss
+#      their targets (python -m fusedlm.benchmarks.profile); none counts towards the exit status
 # Usage: benchmarks/gpu_check.sh OUTDIR
 # OUTDIR receives one log per stage, bench/ (the JSON and markdown results) and summary.txt; the summary
 # is printed last. Reads the GPU (nvidia-smi queries only) and never changes its settings.
@@ -81,6 +82,8 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   done
   # the attention backward's static tiles against their neighbours (kernels/attention.py _GPU_FAMILY)
   stage tiles 60 "$PY" -m fusedlm.benchmarks.attention_tiles
+  # host time per call on tiny inputs (seconds): what mid-sized GPU calls pay besides their kernels
+  stage overhead 30 "$PY" -m fusedlm.benchmarks.overhead --device cuda --reps 300
   # where the time goes in the ops that miss their GPU targets (kernel times under torch.profiler)
   stage profile 45 "$PY" -m fusedlm.benchmarks.profile --device cuda --dtypes bfloat16 --top 6 \
     --ops "${GPU_CHECK_PROFILE_OPS:-layernorm_mlp,softmax_output,attention}"
@@ -94,7 +97,7 @@ fi
   grep -E '^(gpu|cpus|versions): ' "$OUT/env.log" 2>/dev/null
   grep -E '^real' "$OUT/build.log" 2>/dev/null | sed 's/^real/build time/'
   printf '%-20s %-8s %-6s %s\n' stage rc seconds result
-  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null) tiles profile; do
+  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null) tiles overhead profile; do
     [[ -f $OUT/stages/$f ]] || continue
     IFS='|' read -r n rc sec note < "$OUT/stages/$f"
     printf '%-20s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"
@@ -102,6 +105,7 @@ fi
   for f in "$OUT"/t_*.log; do grep -E '^(FAILED|ERROR) ' "$f" | head -n 8 | cut -c1-200; done
   grep -h '^fusedlm attention forward' "$OUT"/bench_attention.log 2>/dev/null | head -n 16 | cut -c1-220
   [[ -f $OUT/tiles.log ]] && grep -E '^(attention backward|kernel|dkdv|dq) ' "$OUT/tiles.log" | cut -c1-160
+  [[ -f $OUT/overhead.log ]] && grep -E '^\| [a-z_]+ \(' "$OUT/overhead.log" | cut -c1-130
   [[ -f $OUT/profile.log ]] && grep -vE '^\s*$|USDT|^(WARNING|STAGE)' "$OUT/profile.log" | head -n 90 | cut -c1-130
   "$PY" - "$OUT/bench" <<'EOF' 2>/dev/null || echo "no benchmark results"
 import json, pathlib, sys
@@ -121,8 +125,10 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.cuda.json")):
               f"{(r.get('ratio') or 0):5.2f}x {'' if peak is None else f'{peak / 2**20:8.0f} MB'}")
 EOF
 } | tee "$OUT/summary.txt"
-# exit 1 when a stage after env failed, timed out or had no time left (tiles and profile are diagnostics)
+# exit 1 when a stage after env failed, timed out or had no time left (tiles, overhead and profile are
+# diagnostics)
 for f in "$OUT"/stages/*; do
-  IFS='|' read -r n rc _ < "$f"; [[ $n != env && $n != tiles && $n != profile && $rc != 0 ]] && exit 1
+  IFS='|' read -r n rc _ < "$f"
+  [[ $n != env && $n != tiles && $n != overhead && $n != profile && $rc != 0 ]] && exit 1
 done
 exit 0

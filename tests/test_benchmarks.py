@@ -149,3 +149,15 @@ def test_attention_tiles_forces_each_candidate(monkeypatch, capsys):
     assert failed[0][4].startswith("failed: ")
     assert len(seen) == len(rows) and all(o["return_mode"] == "median" for o in seen)
     assert "dkdv" in capsys.readouterr().out
+
+
+def test_overhead_table_has_every_op_and_mode(capsys):
+    from fusedlm.benchmarks import overhead
+
+    overhead.main(["--reps", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 10
+    for op in ("layer_norm", "attention", "layernorm_mlp", "linear_cross_entropy", "lm_head_softmax"):
+        assert sum(row.startswith(f"| {op} ") for row in rows) == 2
+    from fusedlm.ops import autograd
+    assert autograd.EAGER_FAST_PATH  # the library-path provider restores the switch

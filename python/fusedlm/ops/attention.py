@@ -44,6 +44,7 @@ import math
 import torch
 
 from fusedlm import dispatch, reference
+from fusedlm.ops import autograd
 from fusedlm.validation import check_flag, check_number, check_same, check_tensor, fmt_shape
 
 OP = "attention"
@@ -101,19 +102,17 @@ def _make_backward(bwd_op):
     return backward
 
 
+# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
+# the C++ op that carries the CPU and CUDA kernels.
+_FWD = {}
 torch.library.register_fake("fusedlm::attention_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::attention_bwd_triton")(_bwd_fake)
-torch.library.register_autograd("fusedlm::attention_fwd_triton", _make_backward(_bwd_triton),
-                                setup_context=_setup_context)
+_FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _setup_context)
 if dispatch.has_cpp_kernel("attention_fwd", "CPU") or dispatch.has_cpp_kernel("attention_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::attention_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::attention_bwd")(_bwd_fake)
-    torch.library.register_autograd("fusedlm::attention_fwd", _make_backward(torch.ops.fusedlm.attention_bwd.default),
-                                    setup_context=_setup_context)
-
-
-def _fwd_op(backend: str):
-    return _fwd_triton if backend == "triton" else torch.ops.fusedlm.attention_fwd.default
+    _FWD["native"] = autograd.register(torch.ops.fusedlm.attention_fwd.default,
+                                       _make_backward(torch.ops.fusedlm.attention_bwd.default), _setup_context)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -161,5 +160,5 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     if chosen == "cuda" and d not in CUDA_HEAD_DIMS:
         raise dispatch.BackendError(f"{OP}: backend='cuda' cannot run these inputs: it takes head dims "
                                     f"{', '.join(map(str, CUDA_HEAD_DIMS))}, got {d} (backend='triton' covers it)")
-    out, lse = _fwd_op(chosen)(q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
+    out, lse = _FWD["triton" if chosen == "triton" else "native"](q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
     return (out, lse) if return_lse else out

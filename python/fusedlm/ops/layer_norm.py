@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from fusedlm import dispatch, reference
+from fusedlm.ops import autograd
 from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
 
 OP = "layer_norm"
@@ -119,31 +120,17 @@ class _CopyGrad(torch.autograd.Function):
         return grad.clone()
 
 
-_OPS = {}  # backend -> (fwd op, bwd op), filled on first use so that importing costs nothing
-
-
-def _ops(backend: str):
-    if backend not in _OPS:
-        if backend == "triton":
-            _OPS[backend] = (_fwd_triton, _bwd_triton)
-        else:
-            _OPS[backend] = (torch.ops.fusedlm.layer_norm_fwd.default, torch.ops.fusedlm.layer_norm_bwd.default)
-    return _OPS[backend]
-
-
+# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
+# the C++ op that carries the CPU and CUDA kernels.
+_FWD = {}
 torch.library.register_fake("fusedlm::layer_norm_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::layer_norm_bwd_triton")(_bwd_fake)
-torch.library.register_autograd(
-    "fusedlm::layer_norm_fwd_triton", _make_backward(_bwd_triton), setup_context=_setup_context
-)
+_FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _setup_context)
 if dispatch.has_cpp_kernel("layer_norm_fwd", "CPU") or dispatch.has_cpp_kernel("layer_norm_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::layer_norm_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::layer_norm_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "fusedlm::layer_norm_fwd",
-        _make_backward(torch.ops.fusedlm.layer_norm_bwd.default),
-        setup_context=_setup_context,
-    )
+    _FWD["native"] = autograd.register(torch.ops.fusedlm.layer_norm_fwd.default,
+                                       _make_backward(torch.ops.fusedlm.layer_norm_bwd.default), _setup_context)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -185,14 +172,14 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
     if chosen == "reference":
         return reference.layer_norm(x, weight, bias, eps=eps, norm=norm, residual=residual)
 
-    fwd, _ = _ops(chosen)
+    fwd = _FWD["triton" if chosen == "triton" else "native"]
     if residual is not None and residual.is_leaf and residual.requires_grad and x.requires_grad:
         residual = _CopyGrad.apply(residual)
-    shape = x.shape
-    x2 = x.reshape(-1, n).contiguous()
-    r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+    shape, rows = x.shape, x.dim() == 2  # (M, N) needs no view (each view is one more autograd node)
+    x2 = (x if rows else x.reshape(-1, n)).contiguous()
+    r2 = (residual if rows else residual.reshape(-1, n)).contiguous() if residual is not None else None
     y, h, _, _ = fwd(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2, float(eps),
                      norm == "rmsnorm")
-    if residual is not None:
-        return y.view(shape), h.view(shape)
-    return y.view(shape)
+    if not rows:
+        y, h = y.view(shape), h.view(shape) if residual is not None else h
+    return (y, h) if residual is not None else y

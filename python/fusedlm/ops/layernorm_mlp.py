@@ -61,6 +61,7 @@ from __future__ import annotations
 import torch
 
 from fusedlm import dispatch, reference
+from fusedlm.ops import autograd
 from fusedlm.validation import check_choice, check_flag, check_number, check_same, check_shape, check_tensor
 
 OP = "layernorm_mlp"
@@ -142,31 +143,17 @@ def _make_backward(bwd_op):
     return backward
 
 
-_OPS = {}  # backend -> (fwd op, bwd op), filled on first use
-
-
-def _ops(backend: str):
-    if backend not in _OPS:
-        if backend == "triton":
-            _OPS[backend] = (_fwd_triton, _bwd_triton)
-        else:
-            _OPS[backend] = (torch.ops.fusedlm.layernorm_mlp_fwd.default, torch.ops.fusedlm.layernorm_mlp_bwd.default)
-    return _OPS[backend]
-
-
+# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
+# the C++ op that carries the CPU and CUDA kernels.
+_FWD = {}
 torch.library.register_fake("fusedlm::layernorm_mlp_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::layernorm_mlp_bwd_triton")(_bwd_fake)
-torch.library.register_autograd(
-    "fusedlm::layernorm_mlp_fwd_triton", _make_backward(_bwd_triton), setup_context=_setup_context
-)
+_FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _setup_context)
 if dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CPU") or dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::layernorm_mlp_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::layernorm_mlp_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "fusedlm::layernorm_mlp_fwd",
-        _make_backward(torch.ops.fusedlm.layernorm_mlp_bwd.default),
-        setup_context=_setup_context,
-    )
+    _FWD["native"] = autograd.register(torch.ops.fusedlm.layernorm_mlp_fwd.default,
+                                       _make_backward(torch.ops.fusedlm.layernorm_mlp_bwd.default), _setup_context)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -228,7 +215,7 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
         return reference.layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias,
                                        eps=eps, norm=norm, activation=activation, residual=residual)
 
-    fwd, _ = _ops(chosen)
+    fwd = _FWD["triton" if chosen == "triton" else "native"]
 
     def contiguous(t):
         return t.contiguous() if t is not None else None

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedlm import dispatch, reference
+from fusedlm.ops import autograd
 from fusedlm.ops.softmax_output import _check_projection
 from fusedlm.validation import check_number
 
@@ -80,15 +81,14 @@ def _backward(ctx, dprobs):
     return dx, dweight, dbias, None
 
 
+# backend -> the op with its autograd (fusedlm.ops.autograd): "triton", and "native" for the C++
+# op that carries the CPU and CUDA kernels.
+_FWD = {}
 torch.library.register_fake("fusedlm::lm_head_softmax_triton")(_fake)
-torch.library.register_autograd("fusedlm::lm_head_softmax_triton", _backward, setup_context=_setup_context)
+_FWD["triton"] = autograd.register(_fwd_triton, _backward, _setup_context)
 if dispatch.has_cpp_kernel("lm_head_softmax", "CPU") or dispatch.has_cpp_kernel("lm_head_softmax", "CUDA"):
     torch.library.register_fake("fusedlm::lm_head_softmax")(_fake)
-    torch.library.register_autograd("fusedlm::lm_head_softmax", _backward, setup_context=_setup_context)
-
-
-def _op(backend: str):
-    return _fwd_triton if backend == "triton" else torch.ops.fusedlm.lm_head_softmax.default
+    _FWD["native"] = autograd.register(torch.ops.fusedlm.lm_head_softmax.default, _backward, _setup_context)
 
 
 # --- the public functions --------------------------------------------------------------------
@@ -125,7 +125,7 @@ def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
     if chosen == "reference":
         return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
     d, vocab = x.shape[-1], weight.shape[0]
-    probs = _op(chosen)(x.reshape(-1, d).contiguous(), weight.contiguous(),
+    probs = _FWD["triton" if chosen == "triton" else "native"](x.reshape(-1, d).contiguous(), weight.contiguous(),
                         bias.contiguous() if bias is not None else None, float(temperature))
     return probs.view(*x.shape[:-1], vocab)
 

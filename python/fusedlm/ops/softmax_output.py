@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from fusedlm import dispatch, reference
+from fusedlm.ops import autograd
 from fusedlm.validation import check_choice, check_number, check_same, check_shape, check_tensor
 
 TARGET_DTYPES = (torch.int64, torch.int32)
@@ -128,17 +129,19 @@ def _make_backward(bwd_op):
     return backward
 
 
+# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
+# the C++ op that carries the CPU and CUDA kernels.
+_FWD = {}
 torch.library.register_fake("fusedlm::linear_cross_entropy_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::linear_cross_entropy_bwd_triton")(_bwd_fake)
-torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd_triton", _make_backward(_bwd_triton),
-                                setup_context=_setup_context)
+_FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _setup_context)
 if dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CPU") or \
         dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::linear_cross_entropy_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::linear_cross_entropy_bwd")(_bwd_fake)
-    torch.library.register_autograd("fusedlm::linear_cross_entropy_fwd",
-                                    _make_backward(torch.ops.fusedlm.linear_cross_entropy_bwd.default),
-                                    setup_context=_setup_context)
+    _FWD["native"] = autograd.register(torch.ops.fusedlm.linear_cross_entropy_fwd.default,
+                                       _make_backward(torch.ops.fusedlm.linear_cross_entropy_bwd.default),
+                                       _setup_context)
 
 
 # --- the public functions --------------------------------------------------------------------
@@ -196,7 +199,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     t1 = target.reshape(-1).long().contiguous()
-    fwd = _fwd_triton if chosen == "triton" else torch.ops.fusedlm.linear_cross_entropy_fwd.default
+    fwd = _FWD["triton" if chosen == "triton" else "native"]
     loss, lse = fwd(
         x2, weight.contiguous(), bias.contiguous() if bias is not None else None, t1, int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else None)
