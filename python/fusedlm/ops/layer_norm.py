@@ -96,7 +96,12 @@ def _make_backward(bwd_op):
             dy.contiguous(), dh.contiguous() if ctx.has_residual else None,
             h, weight, mean, rstd, ctx.rms, ctx.has_bias,
         )
-        return dx, dweight, (dbias if ctx.has_bias else None), (dx if ctx.has_residual else None), None, None
+        if not ctx.has_residual:
+            return dx, dweight, (dbias if ctx.has_bias else None), None, None, None
+        # dx is the gradient of both x and residual. Handed one tensor object twice, the engine would copy
+        # it into x.grad (AccumulateGrad takes a gradient only when nothing else holds it, and the
+        # residual's path still does): x gets its own object over dx's storage.
+        return dx.view_as(dx), dweight, (dbias if ctx.has_bias else None), dx, None, None
 
     return backward
 
