@@ -83,7 +83,7 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   # the attention backward's static tiles against their neighbours (kernels/attention.py _GPU_FAMILY)
   stage tiles 60 "$PY" -m fusedlm.benchmarks.attention_tiles
   # host time per call on tiny inputs (seconds): what mid-sized GPU calls pay besides their kernels
-  stage overhead 30 "$PY" -m fusedlm.benchmarks.overhead --device cuda --reps 300
+  stage overhead 60 "$PY" -m fusedlm.benchmarks.overhead --device cuda --reps 200
   # where the time goes in the ops that miss their GPU targets (kernel times under torch.profiler)
   stage profile 45 "$PY" -m fusedlm.benchmarks.profile --device cuda --dtypes bfloat16 --top 6 \
     --ops "${GPU_CHECK_PROFILE_OPS:-layernorm_mlp,softmax_output,attention}"

@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=500)
     args = p.parse_args(argv)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median us per call of {args.reps} interleaved reps\n")
+          f"median us per call of {args.reps} interleaved reps\n", flush=True)
     print("| op | mode | fusedlm | fusedlm (library path) | PyTorch | vs PyTorch |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, fn, base, leaves in _cases(args.device):
@@ -108,7 +108,7 @@ def main(argv=None):
                 gc.enable()
             us = {k: 1e6 * statistics.median(v) for k, v in times.items()}
             print(f"| {name} | {mode} | {us['fusedlm']:.0f} | {us['library']:.0f} | {us['torch']:.0f} | "
-                  f"{us['torch'] / us['fusedlm']:.2f}x |")
+                  f"{us['torch'] / us['fusedlm']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

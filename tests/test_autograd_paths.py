@@ -1,8 +1,10 @@
 """fusedlm.ops.autograd: the eager fast path and torch.library's registration run the same
 setup_context and backward, so every op gives the same bits both ways, with every input needing a
-gradient and with only some. (torch.compile and opcheck, which take the registration, are in
-each op's own test file.)"""
+gradient and with only some; calls with nothing to record, and traces, take the paths they should.
+(torch.compile and opcheck, which take the registration, are in each op's own test file.)"""
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
@@ -12,40 +14,34 @@ from fusedlm.ops import autograd
 
 from harness import backend_device, backend_params
 
+OPS = ["layer_norm", "layer_norm_2d", "attention", "layernorm_mlp", "linear_cross_entropy", "lm_head_softmax"]
 
-def _cases(device):
+
+def _case(op, backend):
+    """(fn of the list of inputs, inputs) for `op` on `backend`."""
     g = torch.Generator().manual_seed(0)
+    device = backend_device(backend)
 
     def t(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).float().to(device)
 
     x, w, b, r = t(3, 5, 48), t(48), t(48), t(3, 5, 48)
-    yield "layer_norm", lambda a: fusedlm.layer_norm(*a[:3], residual=a[3], backend=BACKEND), (x, w, b, r)
-    q, k = t(2, 4, 17, 16), t(2, 2, 23, 16)
-    yield "attention", lambda a: fusedlm.attention(*a, causal=True, return_lse=True, backend=BACKEND), (q, k, k.flip(2))
-    mlp = (x, w, b, t(64, 48, scale=0.2), t(64), t(48, 64, scale=0.2), t(48))
-    yield "layernorm_mlp", lambda a: fusedlm.layernorm_mlp(*a, activation="silu", backend=BACKEND), mlp
-    target = torch.randint(0, 97, (3, 5), generator=g).to(device)
-    target[0, 0] = -100
-    yield ("linear_cross_entropy",
-           lambda a: fusedlm.linear_cross_entropy(a[0], a[1], target, a[2], reduction="none", backend=BACKEND),
-           (x, t(97, 48, scale=0.2), t(97)))
-    yield "lm_head_softmax", lambda a: fusedlm.lm_head_softmax(*a, temperature=0.7, backend=BACKEND), (x, t(97, 48), t(97))
-
-
-BACKEND = "cpu"
-
-
-def _run(fn, inputs, needs):
-    leaves = [v.clone().requires_grad_(n) for v, n in zip(inputs, needs)]
-    out = fn(leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-               for o in outs if o.requires_grad)
-    nodes = _node_names(outs[0].grad_fn)
-    loss.backward()
-    return outs, [v.grad for v in leaves], nodes
+    if op == "layer_norm":
+        return lambda a: fusedlm.layer_norm(*a[:3], residual=a[3], backend=backend), (x, w, b, r)
+    if op == "layer_norm_2d":  # the op's outputs returned as they are, without views
+        return lambda a: fusedlm.layer_norm(*a, backend=backend), (t(15, 48), w, b)
+    if op == "attention":
+        q, k = t(2, 4, 17, 16), t(2, 2, 23, 16)
+        return lambda a: fusedlm.attention(*a, causal=True, return_lse=True, backend=backend), (q, k, k.flip(2))
+    if op == "layernorm_mlp":
+        mlp = (x, w, b, t(64, 48, scale=0.2), t(64), t(48, 64, scale=0.2), t(48))
+        return lambda a: fusedlm.layernorm_mlp(*a, activation="silu", backend=backend), mlp
+    if op == "linear_cross_entropy":
+        target = torch.randint(0, 97, (3, 5), generator=g).to(device)
+        target[0, 0] = -100
+        return (lambda a: fusedlm.linear_cross_entropy(a[0], a[1], target, a[2], reduction="none", backend=backend),
+                (x, t(97, 48, scale=0.2), t(97)))
+    return lambda a: fusedlm.lm_head_softmax(*a, temperature=0.7, backend=backend), (x, t(97, 48), t(97))
 
 
 def _node_names(node):
@@ -61,20 +57,33 @@ def _node_names(node):
     return names
 
 
+def _run(fn, inputs, needs):
+    leaves = [v.clone().requires_grad_(n) for v, n in zip(inputs, needs)]
+    out = fn(leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+               for o in outs if o.requires_grad)
+    nodes = _node_names(outs[0].grad_fn)
+    loss.backward()
+    return outs, [v.grad for v in leaves], nodes
+
+
 @pytest.mark.parametrize("backend", backend_params(cuda=False) + backend_params(cpu=False, triton=False))
-@pytest.mark.parametrize("op", ["layer_norm", "attention", "layernorm_mlp", "linear_cross_entropy",
-                                "lm_head_softmax"])
-@pytest.mark.parametrize("needs", ["all", "first"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("needs", ["all", "first", "second"])
 def test_fast_path_matches_the_registration(monkeypatch, backend, op, needs):
-    monkeypatch.setattr(__import__(__name__), "BACKEND", backend)
-    name, fn, inputs = next(c for c in _cases(backend_device(backend)) if c[0] == op)
-    mask = [True] * len(inputs) if needs == "all" else [True] + [False] * (len(inputs) - 1)
-    outs_fast, grads_fast, node_fast = _run(fn, inputs, mask)
+    fn, inputs = _case(op, backend)
+    mask = [needs == "all" or (needs == "first" and i == 0) or (needs == "second" and i == 1)
+            for i in range(len(inputs))]
+    outs_fast, grads_fast, nodes_fast = _run(fn, inputs, mask)
     monkeypatch.setattr(autograd, "EAGER_FAST_PATH", False)
-    outs_lib, grads_lib, node_lib = _run(fn, inputs, mask)
-    # the two paths were taken: the fast path's node is its own Function's, the other torch.library's
-    assert "_EagerBackward" in node_fast and not any(n.startswith("GeneratedBackwardFor") for n in node_fast)
-    assert "_EagerBackward" not in node_lib and any(n.startswith("GeneratedBackwardFor_fusedlm_") for n in node_lib)
+    outs_lib, grads_lib, nodes_lib = _run(fn, inputs, mask)
+    # the two paths were taken: the fast path's node is named after the op, the other is torch.library's
+    fast = {n for n in nodes_fast if n.startswith("fusedlm_") and n.endswith("Backward")}
+    assert len(fast) == 1 and not any(n.startswith("GeneratedBackwardFor") for n in nodes_fast), nodes_fast
+    assert not any(n.startswith("fusedlm_") for n in nodes_lib), nodes_lib
+    assert any(n.startswith("GeneratedBackwardFor_fusedlm_") for n in nodes_lib), nodes_lib
     for a, b in zip(outs_fast, outs_lib):
         assert torch.equal(a, b)
     for a, b, n in zip(grads_fast, grads_lib, mask):
@@ -83,10 +92,43 @@ def test_fast_path_matches_the_registration(monkeypatch, backend, op, needs):
             assert torch.equal(a, b)
 
 
-def test_no_gradient_to_record_gives_plain_tensors():
+def test_no_gradient_to_record_runs_below_autograd(monkeypatch):
+    """Without a gradient to record the op runs below the autograd key, no Function in between."""
+    calls = []
+    below = autograd._below_autograd
+
+    def counting():
+        calls.append(1)
+        return below()
+
+    monkeypatch.setattr(autograd, "_below_autograd", counting)
     x, w = torch.randn(4, 8, requires_grad=True), torch.ones(8)
     with torch.no_grad():
         y = fusedlm.layer_norm(x, w, backend="cpu")
-    assert y.grad_fn is None and not y.requires_grad
+    assert y.grad_fn is None and not y.requires_grad and len(calls) == 1
     y = fusedlm.layer_norm(x.detach(), w, backend="cpu")
-    assert y.grad_fn is None and not y.requires_grad
+    assert y.grad_fn is None and not y.requires_grad and len(calls) == 2
+    y = fusedlm.layer_norm(x, w, backend="cpu")  # a gradient to record: the Function (which goes below too)
+    assert type(y.grad_fn).__name__ == "fusedlm_layer_norm_fwdBackward" and len(calls) == 3
+
+
+# torch.jit is deprecated in favour of torch.compile / torch.export, and the tracer warns about the
+# shape checks (constants in a trace); the test is that tracing still works for those who use it.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_custom_op():
+    """torch.jit.trace of a module with parameters records fusedlm::layer_norm_fwd, which it can
+    check and save; a Python Function in the trace could be neither checked nor saved."""
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x):
+            return fusedlm.layer_norm(x, self.weight, backend="cpu")
+
+    x = torch.randn(8, 16)
+    traced = torch.jit.trace(Norm(), x)
+    assert "fusedlm::layer_norm_fwd" in str(traced.graph)
+    torch.jit.save(traced, io.BytesIO())
+    torch.testing.assert_close(traced(x), fusedlm.layer_norm(x, torch.ones(16), backend="cpu"))

@@ -198,6 +198,32 @@ def test_layer_norm_residual_gradients_are_separate_tensors():
     assert x.grad.data_ptr() != r.grad.data_ptr()
 
 
+@pytest.mark.parametrize("residual_of", ["view", "clone", "leaf"])
+@pytest.mark.parametrize("x_shape", [(8, 64), (2, 4, 64)], ids=["2-D", "3-D"])
+def test_layer_norm_residual_gradients_accumulate_separately(residual_of, x_shape):
+    """x a leaf, residual a leaf or passed straight on from one (a view, a clone): over two
+    backward calls each .grad is the sum of its own gradients, in storages of their own (one
+    storage for both doubled the second step's gradient in each)."""
+    x = torch.randn(x_shape, requires_grad=True)
+    p = torch.randn(x_shape, requires_grad=True) if residual_of == "leaf" else torch.randn(2, 4, 64, requires_grad=True)
+    w = torch.randn(64)
+    grads = []
+    for step in range(2):
+        r = {"view": lambda: p.view(x_shape), "clone": lambda: p.clone().view(x_shape), "leaf": lambda: p}[residual_of]()
+        y, h = fusedlm.layer_norm(x, w, residual=r, backend="cpu")
+        (y.square().sum() + (h * (step + 1)).sum()).backward()
+        grads.append((x.grad.clone(), p.grad.clone()))
+    (gx1, gp1), (gx2, gp2) = grads
+    assert x.grad.untyped_storage().data_ptr() != p.grad.untyped_storage().data_ptr()
+    # the second step's own gradients, from a fresh pair of leaves
+    x0, p0 = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    r0 = {"view": lambda: p0.view(x_shape), "clone": lambda: p0.clone().view(x_shape), "leaf": lambda: p0}[residual_of]()
+    y0, h0 = fusedlm.layer_norm(x0, w, residual=r0, backend="cpu")
+    (y0.square().sum() + (h0 * 2).sum()).backward()
+    torch.testing.assert_close(gx2, gx1 + x0.grad)
+    torch.testing.assert_close(gp2, gp1 + p0.grad)
+
+
 @pytest.mark.parametrize("shape", [(40, 64), (2, 20, 64)], ids=["2-D", "3-D"])
 def test_layer_norm_residual_backward_copies_dx_once(shape):
     """The backward makes dx, and one copy of it for a leaf residual's .grad, nothing more: a

@@ -3,7 +3,9 @@ the same two functions.
 
 Every fused op is a forward custom op and a backward custom op, linked by
 `torch.library.register_autograd(fwd, backward, setup_context=...)`. That registration is what
-torch.compile, `torch.library.opcheck` and torch.func see. Called eagerly, it runs through
+torch.compile, torch.export, `torch.library.opcheck`, torch.jit.trace and torch.func.vmap see
+(torch.func's grad transforms refuse it: torch.library's Function has no setup_context staticmethod
+for them, with or without this module). Called eagerly, it runs through
 torch's generic Python autograd kernel: the dispatcher calls back into Python, which fills in the
 default arguments, builds an autograd.Function and redispatches.
 
@@ -14,7 +16,11 @@ with the forward op's arguments:
   autograd key and then the same `setup_context` and `backward`;
 - in eager mode without one (grad mode off, or no input that needs a gradient), the op below the
   autograd key;
-- under torch.compile and torch.func transforms, the op itself, through its registration.
+- under torch.compile, torch.jit.trace and torch.func transforms, the op itself, through its
+  registration (a trace records the custom op, not a Python Function it could not save).
+
+Each op's Function is its own subclass, so that profiles and anomaly tracebacks name the op
+(`fusedlm_layer_norm_fwdBackward`).
 
 The time this saves is host time per call, which decides the speed of small ops (and of mid-sized
 ones on a GPU, where the kernels take microseconds): `python -m fusedlm.benchmarks.overhead`.
@@ -32,7 +38,8 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 class _Eager(torch.autograd.Function):
-    """forward(ctx, op, *args): the op's outputs; backward: op.backward's gradients, one per arg."""
+    """forward(ctx, op, *args): the op's outputs; backward: op.backward's gradients, one per arg.
+    Subclassed once per op (AutogradOp), for the node's name."""
 
     @staticmethod
     def forward(ctx, op, *args):
@@ -58,12 +65,16 @@ class AutogradOp:
 
     def __init__(self, fwd, backward, setup_context):
         self.fwd, self.backward, self.setup_context = fwd, backward, setup_context
+        # "fusedlm::layer_norm_fwd" (an OpOverload's name()) or a custom_op's qualified name
+        name = fwd._qualname if hasattr(fwd, "_qualname") else fwd.name()
+        self.function = type(name.replace("::", "_"), (_Eager,), {})
 
     def __call__(self, *args):
-        if not EAGER_FAST_PATH or torch.compiler.is_compiling() or _functorch_active():
+        if (not EAGER_FAST_PATH or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _functorch_active()):
             return self.fwd(*args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return _Eager.apply(self, *args)
+            return self.function.apply(self, *args)
         with _below_autograd():  # nothing to record: straight to the kernel
             return self.fwd(*args)
 

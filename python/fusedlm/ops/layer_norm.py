@@ -100,7 +100,8 @@ def _make_backward(bwd_op):
             return dx, dweight, (dbias if ctx.has_bias else None), None, None, None
         # dx is the gradient of both x and residual. Handed one tensor object twice, the engine would copy
         # it into x.grad (AccumulateGrad takes a gradient only when nothing else holds it, and the
-        # residual's path still does): x gets its own object over dx's storage.
+        # residual's path still does): x gets its own object over dx's storage. Where both could end up
+        # as some leaf's .grad (x or residual a leaf), _CopyGrad gives the residual's path a copy.
         return dx.view_as(dx), dweight, (dbias if ctx.has_bias else None), dx, None, None
 
     return backward
@@ -109,11 +110,12 @@ def _make_backward(bwd_op):
 class _CopyGrad(torch.autograd.Function):
     """Identity whose backward hands on a copy of the gradient.
 
-    The backward returns one tensor, dx, as the gradient of both x and residual. When residual is
-    a leaf (its .grad is kept) and x needs a gradient too, the engine would store that one tensor
-    as both x.grad and residual.grad, and an in-place update of one (gradient clipping) would
-    change the other; this gives residual its own copy. Inside a model both are activations and
-    the one tensor flows on to their producers without a copy.
+    The backward returns dx's storage as the gradient of both x and residual. When x or residual is
+    a leaf (its .grad is kept) and both need a gradient, the engine could store that storage as two
+    leaves' .grad (x.grad and residual.grad, or x.grad and the .grad of the leaf residual was
+    viewed or cloned from), and an in-place update of one (accumulation over a second backward,
+    zero_grad, gradient clipping) would change the other; this gives residual's path its own copy.
+    Inside a model both are activations and dx flows on to their producers without a copy.
     """
 
     @staticmethod
@@ -178,7 +180,7 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
         return reference.layer_norm(x, weight, bias, eps=eps, norm=norm, residual=residual)
 
     fwd = _FWD["triton" if chosen == "triton" else "native"]
-    if residual is not None and residual.is_leaf and residual.requires_grad and x.requires_grad:
+    if residual is not None and residual.requires_grad and x.requires_grad and (residual.is_leaf or x.is_leaf):
         residual = _CopyGrad.apply(residual)
     shape, rows = x.shape, x.dim() == 2  # (M, N) needs no view (each view is one more autograd node)
     x2 = (x if rows else x.reshape(-1, n)).contiguous()
