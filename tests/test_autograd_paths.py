@@ -132,3 +132,33 @@ def test_jit_trace_records_the_custom_op():
     assert "fusedlm::layer_norm_fwd" in str(traced.graph)
     torch.jit.save(traced, io.BytesIO())
     torch.testing.assert_close(traced(x), fusedlm.layer_norm(x, torch.ones(16), backend="cpu"))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    """torch.utils.checkpoint reruns the ops in backward: a block of attention, a residual norm and
+    the feed-forward gives the bits of the same block without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 48, generator=g).requires_grad_()
+    params = [torch.randn(48, generator=g), torch.randn(48, generator=g), 0.1 * torch.randn(96, 48, generator=g),
+              torch.randn(96, generator=g), 0.1 * torch.randn(48, 96, generator=g), torch.randn(48, generator=g)]
+    params = [p.requires_grad_() for p in params]
+
+    def block(x, *p):
+        q = x.view(2, 10, 4, 12).transpose(1, 2)
+        a = fusedlm.attention(q, q, q, causal=True, backend="cpu").transpose(1, 2).reshape(2, 10, 48)
+        _, h = fusedlm.layer_norm(a, p[0], p[1], residual=x, backend="cpu")
+        return fusedlm.layernorm_mlp(h, *p, backend="cpu")
+
+    def grads(run):
+        for t in (x, *params):
+            t.grad = None
+        run().square().sum().backward()
+        return [t.grad.clone() for t in (x, *params)]
+
+    plain = grads(lambda: block(x, *params))
+    checkpointed = grads(lambda: checkpoint(block, x, *params, use_reentrant=use_reentrant))
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
