@@ -1,5 +1,5 @@
-// AVX-512 pieces shared by the CPU kernels (internal to csrc/cpu): the tail mask of a row and exp
-// over 16 float32 lanes. Each function carries its own target("avx512f"), so it inlines into
+// AVX-512 pieces shared by the CPU kernels (internal to csrc/cpu): the tail mask of a row, exp
+// over 16 float32 lanes, and bf16 <-> float32 for 16 lanes. Each function carries its own target("avx512f"), so it inlines into
 // kernels compiled for avx512f and up (a target pragma) while the file around them stays portable;
 // call those only after select_isa chose Isa::Avx512.
 //
@@ -40,6 +40,22 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
+}
+
+// 16 bf16 values (their bits) widened to float32: exact.
+__attribute__((target("avx512f"))) inline __m512 bf16_bits_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Round to nearest even exactly as torch does (bits + 0x7fff + lsb; NaN -> 0x7fc0). Integer ops
+// rather than vcvtneps2bf16: they run on every AVX-512 CPU and keep subnormals, which that
+// instruction flushes to zero (layernorm_mlp_avx512_bf16.cpp takes the instruction where it pays).
+__attribute__((target("avx512f"))) inline __m256i ps_to_bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, lsb), _mm512_set1_epi32(0x7fff)), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
 }
 
 }  // namespace avx512

@@ -60,19 +60,8 @@ FUSEDLM_INLINE float hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 
 // --- conversions, loads and stores per element type ---
 
-FUSEDLM_INLINE __m512 bf16_bits_to_ps(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-// Round to nearest even exactly as torch does (bits + 0x7fff + lsb; nan -> 0x7fc0). Integer ops
-// rather than vcvtneps2bf16: they run on every AVX-512 CPU and keep subnormals, which that
-// instruction flushes to zero; a handful of ops per 16 values is lost in the memory time.
-FUSEDLM_INLINE __m256i ps_to_bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, lsb), _mm512_set1_epi32(0x7fff)), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
+using avx512::bf16_bits_to_ps;
+using avx512::ps_to_bf16_bits;  // torch's rounding (a handful of ops per 16 values, lost in the memory time)
 FUSEDLM_INLINE __m256i ps_to_fp16_bits(__m512 v) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }

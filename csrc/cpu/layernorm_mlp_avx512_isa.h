@@ -50,20 +50,11 @@ FUSEDLM_INLINE __m512 vrcp(__m512 x) {
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
 }
 
-FUSEDLM_INLINE __m512 bf16_bits_to_ps(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+using avx512::bf16_bits_to_ps;
 #if defined(FUSEDLM_AVX512_REGION_BF16)
 FUSEDLM_INLINE __m256i ps_to_bf16_bits(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 #else
-// Round to nearest even as torch does (bits + 0x7fff + lsb; nan -> 0x7fc0).
-FUSEDLM_INLINE __m256i ps_to_bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, lsb), _mm512_set1_epi32(0x7fff)), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
+using avx512::ps_to_bf16_bits;  // torch's rounding, in integer ops
 #endif
 
 struct Avx512Isa {
