@@ -102,8 +102,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
-# the C++ op that carries the CPU and CUDA kernels.
+# backend -> the forward op with its autograd (fusedlm.ops.autograd); "cpu" and "cuda" share the C++
+# op that carries both kernels.
 _FWD = {}
 torch.library.register_fake("fusedlm::attention_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::attention_bwd_triton")(_bwd_fake)
@@ -111,8 +111,9 @@ _FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _se
 if dispatch.has_cpp_kernel("attention_fwd", "CPU") or dispatch.has_cpp_kernel("attention_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::attention_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::attention_bwd")(_bwd_fake)
-    _FWD["native"] = autograd.register(torch.ops.fusedlm.attention_fwd.default,
-                                       _make_backward(torch.ops.fusedlm.attention_bwd.default), _setup_context)
+    native = autograd.register(torch.ops.fusedlm.attention_fwd.default,
+                               _make_backward(torch.ops.fusedlm.attention_bwd.default), _setup_context)
+    _FWD.update(cpu=native, cuda=native)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -160,5 +161,5 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     if chosen == "cuda" and d not in CUDA_HEAD_DIMS:
         raise dispatch.BackendError(f"{OP}: backend='cuda' cannot run these inputs: it takes head dims "
                                     f"{', '.join(map(str, CUDA_HEAD_DIMS))}, got {d} (backend='triton' covers it)")
-    out, lse = _FWD["triton" if chosen == "triton" else "native"](q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
+    out, lse = _FWD[chosen](q, k, v, bool(causal), float(1.0 / math.sqrt(d) if scale is None else scale))
     return (out, lse) if return_lse else out

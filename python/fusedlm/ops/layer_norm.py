@@ -127,8 +127,8 @@ class _CopyGrad(torch.autograd.Function):
         return grad.clone()
 
 
-# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
-# the C++ op that carries the CPU and CUDA kernels.
+# backend -> the forward op with its autograd (fusedlm.ops.autograd); "cpu" and "cuda" share the C++
+# op that carries both kernels.
 _FWD = {}
 torch.library.register_fake("fusedlm::layer_norm_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::layer_norm_bwd_triton")(_bwd_fake)
@@ -136,8 +136,9 @@ _FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _se
 if dispatch.has_cpp_kernel("layer_norm_fwd", "CPU") or dispatch.has_cpp_kernel("layer_norm_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::layer_norm_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::layer_norm_bwd")(_bwd_fake)
-    _FWD["native"] = autograd.register(torch.ops.fusedlm.layer_norm_fwd.default,
-                                       _make_backward(torch.ops.fusedlm.layer_norm_bwd.default), _setup_context)
+    native = autograd.register(torch.ops.fusedlm.layer_norm_fwd.default,
+                               _make_backward(torch.ops.fusedlm.layer_norm_bwd.default), _setup_context)
+    _FWD.update(cpu=native, cuda=native)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -179,7 +180,7 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
     if chosen == "reference":
         return reference.layer_norm(x, weight, bias, eps=eps, norm=norm, residual=residual)
 
-    fwd = _FWD["triton" if chosen == "triton" else "native"]
+    fwd = _FWD[chosen]
     if residual is not None and residual.requires_grad and x.requires_grad and (residual.is_leaf or x.is_leaf):
         residual = _CopyGrad.apply(residual)
     shape, rows = x.shape, x.dim() == 2  # (M, N) needs no view (each view is one more autograd node)
@@ -187,6 +188,6 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
     r2 = (residual if rows else residual.reshape(-1, n)).contiguous() if residual is not None else None
     y, h, _, _ = fwd(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2, float(eps),
                      norm == "rmsnorm")
-    if not rows:
-        y, h = y.view(shape), h.view(shape) if residual is not None else h
-    return (y, h) if residual is not None else y
+    if residual is None:
+        return y if rows else y.view(shape)
+    return (y, h) if rows else (y.view(shape), h.view(shape))

@@ -143,8 +143,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
-# the C++ op that carries the CPU and CUDA kernels.
+# backend -> the forward op with its autograd (fusedlm.ops.autograd); "cpu" and "cuda" share the C++
+# op that carries both kernels.
 _FWD = {}
 torch.library.register_fake("fusedlm::layernorm_mlp_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::layernorm_mlp_bwd_triton")(_bwd_fake)
@@ -152,8 +152,9 @@ _FWD["triton"] = autograd.register(_fwd_triton, _make_backward(_bwd_triton), _se
 if dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CPU") or dispatch.has_cpp_kernel("layernorm_mlp_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::layernorm_mlp_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::layernorm_mlp_bwd")(_bwd_fake)
-    _FWD["native"] = autograd.register(torch.ops.fusedlm.layernorm_mlp_fwd.default,
-                                       _make_backward(torch.ops.fusedlm.layernorm_mlp_bwd.default), _setup_context)
+    native = autograd.register(torch.ops.fusedlm.layernorm_mlp_fwd.default,
+                               _make_backward(torch.ops.fusedlm.layernorm_mlp_bwd.default), _setup_context)
+    _FWD.update(cpu=native, cuda=native)
 
 
 # --- the public function -------------------------------------------------------------------
@@ -215,7 +216,7 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
         return reference.layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias,
                                        eps=eps, norm=norm, activation=activation, residual=residual)
 
-    fwd = _FWD["triton" if chosen == "triton" else "native"]
+    fwd = _FWD[chosen]
 
     def contiguous(t):
         return t.contiguous() if t is not None else None

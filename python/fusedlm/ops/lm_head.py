@@ -81,14 +81,15 @@ def _backward(ctx, dprobs):
     return dx, dweight, dbias, None
 
 
-# backend -> the op with its autograd (fusedlm.ops.autograd): "triton", and "native" for the C++
-# op that carries the CPU and CUDA kernels.
+# backend -> the op with its autograd (fusedlm.ops.autograd); "cpu" and "cuda" share the C++ op
+# that carries both kernels.
 _FWD = {}
 torch.library.register_fake("fusedlm::lm_head_softmax_triton")(_fake)
 _FWD["triton"] = autograd.register(_fwd_triton, _backward, _setup_context)
 if dispatch.has_cpp_kernel("lm_head_softmax", "CPU") or dispatch.has_cpp_kernel("lm_head_softmax", "CUDA"):
     torch.library.register_fake("fusedlm::lm_head_softmax")(_fake)
-    _FWD["native"] = autograd.register(torch.ops.fusedlm.lm_head_softmax.default, _backward, _setup_context)
+    native = autograd.register(torch.ops.fusedlm.lm_head_softmax.default, _backward, _setup_context)
+    _FWD.update(cpu=native, cuda=native)
 
 
 # --- the public functions --------------------------------------------------------------------
@@ -125,7 +126,7 @@ def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
     if chosen == "reference":
         return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
     d, vocab = x.shape[-1], weight.shape[0]
-    probs = _FWD["triton" if chosen == "triton" else "native"](x.reshape(-1, d).contiguous(), weight.contiguous(),
+    probs = _FWD[chosen](x.reshape(-1, d).contiguous(), weight.contiguous(),
                         bias.contiguous() if bias is not None else None, float(temperature))
     return probs.view(*x.shape[:-1], vocab)
 

@@ -129,8 +129,8 @@ def _make_backward(bwd_op):
     return backward
 
 
-# backend -> the forward op with its autograd (fusedlm.ops.autograd): "triton", and "native" for
-# the C++ op that carries the CPU and CUDA kernels.
+# backend -> the forward op with its autograd (fusedlm.ops.autograd); "cpu" and "cuda" share the C++
+# op that carries both kernels.
 _FWD = {}
 torch.library.register_fake("fusedlm::linear_cross_entropy_fwd_triton")(_fwd_fake)
 torch.library.register_fake("fusedlm::linear_cross_entropy_bwd_triton")(_bwd_fake)
@@ -139,9 +139,9 @@ if dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CPU") or \
         dispatch.has_cpp_kernel("linear_cross_entropy_fwd", "CUDA"):
     torch.library.register_fake("fusedlm::linear_cross_entropy_fwd")(_fwd_fake)
     torch.library.register_fake("fusedlm::linear_cross_entropy_bwd")(_bwd_fake)
-    _FWD["native"] = autograd.register(torch.ops.fusedlm.linear_cross_entropy_fwd.default,
-                                       _make_backward(torch.ops.fusedlm.linear_cross_entropy_bwd.default),
-                                       _setup_context)
+    native = autograd.register(torch.ops.fusedlm.linear_cross_entropy_fwd.default,
+                               _make_backward(torch.ops.fusedlm.linear_cross_entropy_bwd.default), _setup_context)
+    _FWD.update(cpu=native, cuda=native)
 
 
 # --- the public functions --------------------------------------------------------------------
@@ -199,7 +199,7 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     t1 = target.reshape(-1).long().contiguous()
-    fwd = _FWD["triton" if chosen == "triton" else "native"]
+    fwd = _FWD[chosen]
     loss, lse = fwd(
         x2, weight.contiguous(), bias.contiguous() if bias is not None else None, t1, int(ignore_index),
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else None)
