@@ -6,7 +6,7 @@ import torch
 
 import fusedlm
 from fusedlm import dispatch, reference
-from fusedlm.ops.lm_head import filter_top_k_top_p
+from fusedlm.ops.lm_head import draw_or_minus_one, filter_top_k_top_p
 from harness import ATOL, HAS_GPU, assert_within_budget, backend_device, backend_params
 
 BACKENDS = backend_params()
@@ -427,6 +427,24 @@ def test_sample_bad_options():
         fusedlm.sample(x.to("meta"), w.to("meta"), generator=torch.Generator())
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"),
+                                    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def test_draw_or_minus_one_marks_non_finite_rows(device):
+    """sample's GPU draw: rows holding NaN or inf give -1 (no device-side assert, no host sync); the
+    other rows get torch.multinomial's draws for the same seed."""
+    probs = torch.softmax(torch.randn(6, 50), -1).to(device)
+    bad = probs.clone()
+    bad[1, 3] = float("nan")
+    bad[4] = float("nan")
+    bad[5, 0] = float("inf")
+    ids = draw_or_minus_one(bad, torch.Generator(device).manual_seed(7))
+    want = torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(7)).squeeze(-1)
+    assert ids.dtype == torch.int64 and ids.shape == (6,)
+    assert ids[[1, 4, 5]].tolist() == [-1, -1, -1]
+    assert torch.equal(ids[[0, 2, 3]], want[[0, 2, 3]])
+    assert torch.equal(draw_or_minus_one(probs, torch.Generator(device).manual_seed(7)), want)
+
+
 @pytest.mark.gpu
 def test_sample_on_cuda_with_a_cuda_generator():
     x, w, b = _head16(20000, device="cuda")
@@ -438,3 +456,6 @@ def test_sample_on_cuda_with_a_cuda_generator():
     assert _chi_square_p_value(counts, 20000 * p / p.sum()) > 1e-3
     with pytest.raises(ValueError, match="sample: generator is on cpu but x is on cuda"):
         fusedlm.sample(x, w, b, generator=torch.Generator())
+    x_bad = x[:4].clone()
+    x_bad[2, 0] = float("nan")
+    assert fusedlm.sample(x_bad, w, b).tolist()[2] == -1  # no device-side assert

@@ -166,8 +166,9 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
     Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
     generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
     A row of NaN probabilities (NaN or +inf logits, from NaN or inf in x, weight or bias; temperature > 0):
-    a ValueError for CPU tensors; on a GPU torch.multinomial's device-side assert (a check there would
-    cost a host sync per draw). A -inf bias entry (a masked token) is fine: its probability is 0.
+    a ValueError for CPU tensors; on a GPU that row's id is -1 (raising would cost a host sync per draw,
+    and torch.multinomial's own device-side assert would end the process's CUDA context). A -inf bias
+    entry (a masked token) is fine: its probability is 0.
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
@@ -183,9 +184,21 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
         probs = lm_head_softmax(x, weight, bias, temperature=temperature)
         probs = filter_top_k_top_p(probs.reshape(-1, weight.shape[0]), top_k, top_p)
         # NaN or inf in x, weight or bias make a row NaN. On the CPU (synchronous anyway) that is this
-        # error; on a GPU, checking would cost a host sync per draw, and torch.multinomial's own
-        # device-side check stops the process instead.
-        if probs.device.type == "cpu" and not bool(torch.isfinite(probs).all()):
-            raise ValueError(f"{op}: the probabilities of some row are NaN: x, weight or bias holds NaN or inf")
-        ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        # error; on a GPU it is id -1 for the row, without a host sync.
+        if probs.device.type == "cpu":
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError(f"{op}: the probabilities of some row are NaN: x, weight or bias holds NaN or inf")
+            ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        else:
+            ids = draw_or_minus_one(probs, generator)
     return ids.reshape(x.shape[:-1])
+
+
+def draw_or_minus_one(probs, generator=None):
+    """One torch.multinomial draw per row of (rows, V) probabilities, where a row holding NaN or inf
+    gives -1 instead of multinomial's device-side assert, with no host sync: such a row is drawn from
+    ones (any valid distribution) and its id replaced. The other rows' draws are multinomial's own, so
+    a seeded generator gives the ids it gives on valid input."""
+    valid = torch.isfinite(probs).all(dim=-1, keepdim=True)
+    ids = torch.multinomial(torch.where(valid, probs, torch.ones_like(probs)), num_samples=1, generator=generator)
+    return torch.where(valid, ids, torch.full_like(ids, -1)).squeeze(-1)
