@@ -149,8 +149,8 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     def block(x, *p):
         q = x.view(2, 10, 4, 12).transpose(1, 2)
         a = fusedlm.attention(q, q, q, causal=True, backend="cpu").transpose(1, 2).reshape(2, 10, 48)
-        _, h = fusedlm.layer_norm(a, p[0], p[1], residual=x, backend="cpu")
-        return fusedlm.layernorm_mlp(h, *p, backend="cpu")
+        y, h = fusedlm.layer_norm(a, p[0], p[1], residual=x, backend="cpu")
+        return fusedlm.layernorm_mlp(h, *p, backend="cpu") + y
 
     def grads(run):
         for t in (x, *params):

@@ -430,19 +430,26 @@ def test_sample_bad_options():
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"),
                                     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
 def test_draw_or_minus_one_marks_non_finite_rows(device):
-    """sample's GPU draw: rows holding NaN or inf give -1 (no device-side assert, no host sync); the
-    other rows get torch.multinomial's draws for the same seed."""
-    probs = torch.softmax(torch.randn(6, 50), -1).to(device)
+    """sample's GPU draw: rows that are no distribution (NaN, inf, a negative entry, all zeros) give
+    -1 (no device-side assert, no host sync); the other rows get torch.multinomial's draws for the
+    same seed, and their frequencies follow the probabilities."""
+    probs = torch.softmax(torch.randn(8, 50), -1).to(device)
     bad = probs.clone()
     bad[1, 3] = float("nan")
     bad[4] = float("nan")
     bad[5, 0] = float("inf")
+    bad[6, 2] = -0.1
+    bad[7] = 0.0
     ids = draw_or_minus_one(bad, torch.Generator(device).manual_seed(7))
     want = torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(7)).squeeze(-1)
-    assert ids.dtype == torch.int64 and ids.shape == (6,)
-    assert ids[[1, 4, 5]].tolist() == [-1, -1, -1]
+    assert ids.dtype == torch.int64 and ids.shape == (8,)
+    assert ids[[1, 4, 5, 6, 7]].tolist() == [-1] * 5
     assert torch.equal(ids[[0, 2, 3]], want[[0, 2, 3]])
     assert torch.equal(draw_or_minus_one(probs, torch.Generator(device).manual_seed(7)), want)
+    p = PROBS16.to(device)
+    counts = torch.bincount(draw_or_minus_one(p.expand(20000, 16), torch.Generator(device).manual_seed(1)).cpu(),
+                            minlength=16).double()
+    assert _chi_square_p_value(counts, 20000 * PROBS16) > 1e-3
 
 
 @pytest.mark.gpu

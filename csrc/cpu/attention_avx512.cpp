@@ -191,8 +191,7 @@ void softmax_bwd(float* s, float* dp, int64_t nk, int64_t nq, TileMask mask, con
 void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 mk = lanes(n - j);
-    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, src + j));
-    _mm512_mask_storeu_ps(dst + j, mk, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+    _mm512_mask_storeu_ps(dst + j, mk, avx512::bf16_bits_to_ps(_mm256_maskz_loadu_epi16(mk, src + j)));
   }
 }
 

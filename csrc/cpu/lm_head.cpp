@@ -62,8 +62,8 @@ void row_scalar(const void* z, DType dtype, float* p, int64_t vocab, float inv_t
 using avx512::lanes;
 
 inline __m512 load16(const float* z, __mmask16 m) { return _mm512_maskz_loadu_ps(m, z); }
-inline __m512 load16(const uint16_t* z, __mmask16 m) {  // bf16 -> float32: the bits move up 16
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, z)), 16));
+inline __m512 load16(const uint16_t* z, __mmask16 m) {
+  return avx512::bf16_bits_to_ps(_mm256_maskz_loadu_epi16(m, z));
 }
 
 // Masked-off lanes load 0 and are kept out of the max and the sum by the masked operations.

@@ -127,7 +127,7 @@ def lm_head_softmax(x, weight, bias=None, *, temperature=1.0, backend="auto"):
         return reference.lm_head_softmax(x, weight, bias, temperature=temperature)
     d, vocab = x.shape[-1], weight.shape[0]
     probs = _FWD[chosen](x.reshape(-1, d).contiguous(), weight.contiguous(),
-                        bias.contiguous() if bias is not None else None, float(temperature))
+                         bias.contiguous() if bias is not None else None, float(temperature))
     return probs.view(*x.shape[:-1], vocab)
 
 
@@ -167,8 +167,9 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
     generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
     A row of NaN probabilities (NaN or +inf logits, from NaN or inf in x, weight or bias; temperature > 0):
     a ValueError for CPU tensors; on a GPU that row's id is -1 (raising would cost a host sync per draw,
-    and torch.multinomial's own device-side assert would end the process's CUDA context). A -inf bias
-    entry (a masked token) is fine: its probability is 0.
+    and torch.multinomial's device-side check, in recent torch, ends the process's CUDA context). Replace
+    or check -1 before the ids index anything (an embedding lookup of -1 asserts on a GPU too), e.g.
+    torch.where(ids < 0, pad_id, ids). A -inf bias entry (a masked token) is fine: its probability is 0.
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
@@ -195,10 +196,11 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
 
 
 def draw_or_minus_one(probs, generator=None):
-    """One torch.multinomial draw per row of (rows, V) probabilities, where a row holding NaN or inf
-    gives -1 instead of multinomial's device-side assert, with no host sync: such a row is drawn from
-    ones (any valid distribution) and its id replaced. The other rows' draws are multinomial's own, so
-    a seeded generator gives the ids it gives on valid input."""
-    valid = torch.isfinite(probs).all(dim=-1, keepdim=True)
-    ids = torch.multinomial(torch.where(valid, probs, torch.ones_like(probs)), num_samples=1, generator=generator)
-    return torch.where(valid, ids, torch.full_like(ids, -1)).squeeze(-1)
+    """One draw per row of (rows, V) non-negative weights, without a host sync and without a check that
+    can stop the process: argmax_v p_v / q_v with q_v ~ Exp(1) picks v with probability p_v / sum p
+    (the exponential race; torch.multinomial draws one sample the same way, so a seeded generator gives
+    its ids). A row that is no distribution (NaN, inf, a negative entry, or all zeros) gives -1."""
+    valid = torch.isfinite(probs).all(-1) & (probs >= 0).all(-1) & (probs.sum(-1) > 0)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    ids = (probs / q).argmax(-1)
+    return torch.where(valid, ids, torch.full_like(ids, -1))
