@@ -195,9 +195,6 @@ bool cpu_has_avx512_bf16() {
 
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kMinParallelElems = int64_t(1) << 15;
-
 int threads_for(int requested, int64_t elems, int64_t items) {
   if (requested < 1 || elems < kMinParallelElems) return 1;
   return int(std::min<int64_t>(requested, std::max<int64_t>(items, 1)));

@@ -1,5 +1,6 @@
-// Internal to csrc/cpu/layer_norm*.cpp: the element types and the row-kernel interface shared
-// by the drivers (layer_norm.cpp) and the AVX-512 row kernels (layer_norm_avx512.cpp).
+// Internal to csrc/cpu: the element types and the row-kernel interface shared by the layer_norm
+// drivers (layer_norm.cpp) and its AVX-512 row kernels (layer_norm_avx512.cpp); FUSEDLM_X86 and
+// kMinParallelElems, which every CPU kernel file uses.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +15,11 @@
 
 namespace fusedlm {
 namespace cpu {
+
+// Below this many elements an OpenMP parallel region costs more than it saves (the other threads
+// only wake and wait): every element-wise CPU pass runs on one thread below it.
+constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
 namespace rows {
 
 // 2-byte element types, carried as their bits.

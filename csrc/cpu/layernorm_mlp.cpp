@@ -97,9 +97,6 @@ namespace {
 using mlp::ActCols;
 using rows::bf16;
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kMinParallelElems = int64_t(1) << 15;
-
 int threads_for(int requested, int64_t elems, int64_t cols) {
   if (requested < 1 || elems < kMinParallelElems) return 1;
   return int(std::max<int64_t>(1, std::min<int64_t>(requested, (cols + 15) / 16)));

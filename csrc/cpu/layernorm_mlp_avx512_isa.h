@@ -15,9 +15,7 @@
 // runs each: 3689 and 3108 with the integer rounding, 3316 and 2556 with vcvtneps2bf16 (about 15%
 // fewer); the op's wall-clock time moved by less than this machine's run-to-run noise (3%).
 //
-// exp: n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for an exact product), e^r by its
-// degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation 5e-9 relative), then scalef by 2^n,
-// which also gives 0 / inf past the fp32 range instead of garbage exponents (avx512_math.h).
+// exp is avx512::exp16 and the bf16 loads and integer rounding are avx512_math.h's.
 // No include guard: one inclusion per file, inside its region.
 
 #define FUSEDLM_INLINE inline __attribute__((always_inline))

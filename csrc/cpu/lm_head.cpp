@@ -121,9 +121,9 @@ size_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
 void lm_head_softmax_rows(const LmHeadRowsArgs& a) {
   const char* logits = static_cast<const char*>(a.logits);
   const size_t row_bytes = size_t(a.logits_stride) * element_bytes(a.dtype);
-  // One thread for one row (a decode step) or below 2^15 logits: waking the others would cost more
-  // than it saves. Rows are independent, so the bits do not depend on it.
-  const int nt = a.rows > 1 && a.rows * a.vocab >= (int64_t(1) << 15) ? a.num_threads : 1;
+  // One thread for one row (a decode step) or below kMinParallelElems logits. Rows are independent,
+  // so the bits do not depend on it.
+  const int nt = a.rows > 1 && a.rows * a.vocab >= kMinParallelElems ? a.num_threads : 1;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t r = 0; r < a.rows; ++r) {
     const void* z = logits + size_t(r) * row_bytes;

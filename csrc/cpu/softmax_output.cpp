@@ -160,11 +160,11 @@ void bwd_row(Isa isa, float* z, int64_t cols, float softcap, float lse, float sc
   bwd_row_scalar(z, cols, softcap, lse, scale_p, shift);
 }
 
-// Threads for a tile: one below 2^15 elements, where the other thread would spend the pass waking
-// and waiting (perf on 32 x 1000 tiles: libgomp's share of the samples fell from 29% to 12%; the
-// GEMM dominates the wall-clock time there either way). Rows are independent: the same bits.
+// Threads for a tile: one below kMinParallelElems (perf on 32 x 1000 tiles: libgomp's share of the
+// samples fell from 29% to 12%; the GEMM dominates the wall-clock time there either way). Rows are
+// independent: the same bits.
 int tile_threads(const CrossEntropyTileArgs& a) {
-  return a.rows > 1 && a.rows * a.cols >= (int64_t(1) << 15) ? a.num_threads : 1;
+  return a.rows > 1 && a.rows * a.cols >= kMinParallelElems ? a.num_threads : 1;
 }
 
 }  // namespace

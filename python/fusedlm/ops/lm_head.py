@@ -94,8 +94,8 @@ if dispatch.has_cpp_kernel("lm_head_softmax", "CPU") or dispatch.has_cpp_kernel(
 
 # --- the public functions --------------------------------------------------------------------
 
-# The smallest temperature whose reciprocal, the kernels' logit scale, is finite in float32.
-# The kernels scale logit differences by log2(e) / T (the base-2 exponent); it must be finite in float32.
+# The smallest temperature: the kernels scale logit differences by log2(e) / T (the base-2
+# exponent), which must be finite in float32.
 MIN_TEMPERATURE = 1.4426950408889634 / torch.finfo(torch.float32).max
 
 
