@@ -162,3 +162,114 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     checkpointed = grads(lambda: checkpoint(block, x, *params, use_reentrant=use_reentrant))
     for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
+
+
+def _differentiable(outs):
+    """Which outputs of an eager call carry a gradient (attention's lse does; linear cross-entropy's
+    per-token losses do; layer_norm's h does)."""
+    return [o.requires_grad for o in outs]
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False) + backend_params(cpu=False, triton=False))
+@pytest.mark.parametrize("op", OPS)
+def test_torch_func_grad_matches_backward(backend, op):
+    """torch.func.grad of a loss over every differentiable output gives eager autograd's gradients
+    for every input: the same Function, run one functorch level down."""
+    fn, inputs = _case(op, backend)
+    outs, grads, _ = _run(fn, inputs, [True] * len(inputs))
+    keep = _differentiable(outs)
+
+    def loss(*args):
+        out = fn(list(args))
+        outs = out if isinstance(out, tuple) else (out,)
+        gen = torch.Generator().manual_seed(1)  # _run's weights, drawn in its order
+        return sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+                   for o, k in zip(outs, keep) if k)
+
+    func_grads = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    for name, a, b in zip(range(len(inputs)), func_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{op} input {name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's per-sample batching fallback
+@pytest.mark.parametrize("backend", backend_params(cuda=False) + backend_params(cpu=False, triton=False))
+@pytest.mark.parametrize("op", ["layer_norm", "layernorm_mlp", "linear_cross_entropy", "attention"])
+def test_per_sample_gradients(backend, op):
+    """vmap(grad(loss)) over a batch gives each sample's weight gradients, as a loop of eager
+    backward passes over the samples does."""
+    g = torch.Generator().manual_seed(0)
+    device = backend_device(backend)
+
+    def t(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).float().to(device)
+
+    batch = t(4, 5, 48)
+    target = torch.randint(0, 97, (4, 5), generator=g).to(device)
+    if op == "layer_norm":
+        params = (t(48), t(48))
+
+        def loss(x, tgt, w, b):
+            return fusedlm.layer_norm(x, w, b, backend=backend).square().sum()
+    elif op == "layernorm_mlp":
+        params = (t(48), t(64, 48, scale=0.2), t(48, 64, scale=0.2))
+
+        def loss(x, tgt, nw, fw, pw):
+            return fusedlm.layernorm_mlp(x, nw, None, fw, None, pw, None, activation="gelu_tanh",
+                                         backend=backend).square().sum()
+    elif op == "linear_cross_entropy":
+        params = (t(97, 48, scale=0.2), t(97))
+
+        def loss(x, tgt, w, b):
+            return fusedlm.linear_cross_entropy(x, w, tgt, b, backend=backend)
+    else:
+        params = (t(2, 5, 16), t(2, 5, 16))  # (heads, keys, D): shared keys and values
+
+        def loss(x, tgt, k, v):
+            q = x.view(5, 3, 16).transpose(0, 1)[None]  # (1, 3 heads, 5 queries, 16): GQA over 1 kv head
+            return fusedlm.attention(q, k[None, :1], v[None, :1], causal=True, backend=backend).square().sum()
+
+    argnums = tuple(range(2, 2 + len(params)))
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=argnums), in_dims=(0, 0) + (None,) * len(params))(
+        batch, target, *params)
+    for i in range(batch.shape[0]):
+        leaves = [p.clone().requires_grad_() for p in params]
+        grads = torch.autograd.grad(loss(batch[i], target[i], *leaves), leaves, allow_unused=True)
+        for j, (a, b) in enumerate(zip(per_sample, grads)):
+            b = torch.zeros_like(a[i]) if b is None else b
+            torch.testing.assert_close(a[i], b, rtol=1e-5, atol=1e-6, msg=lambda m: f"sample {i} param {j}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp decompositions, on first use
+def test_forward_mode_transforms_raise():
+    """jvp has no rule for the fused ops: torch.func says so rather than giving a wrong tangent."""
+    x, w = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(lambda x: fusedlm.layer_norm(x, w, backend="cpu"), (x,), (torch.ones_like(x),))
+
+
+@pytest.mark.parametrize("backend", backend_params(cuda=False) + backend_params(cpu=False, triton=False))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "registration"])
+def test_second_derivatives_raise(monkeypatch, backend, op, fast_path):
+    """A gradient taken with create_graph=True has the first-derivative values, and differentiating it
+    again raises an error naming the op (torch's fallback would warn and give zeros) -- through
+    the first input's gradient to every input, the saved ones included."""
+    monkeypatch.setattr(autograd, "EAGER_FAST_PATH", fast_path)
+    fn, inputs = _case(op, backend)
+    outs, grads, _ = _run(fn, inputs, [True] * len(inputs))
+    keep = _differentiable(outs)
+    leaves = [v.clone().requires_grad_() for v in inputs]
+    out = fn(leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+               for o, k in zip(outs, keep) if k)
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    for a, b in zip(first, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    name = "layer_norm" if op == "layer_norm_2d" else op
+    with pytest.raises(RuntimeError, match=f"{name}: the fused op's backward is not differentiable"):
+        torch.autograd.grad(first[0].square().sum(), leaves)
+    with pytest.raises(RuntimeError, match=f"{name}: the fused op's backward is not differentiable"):
+        torch.func.grad(lambda *a: torch.func.grad(lambda *b: fn(list(b)).sum() if not isinstance(fn(list(b)), tuple)
+                                                   else fn(list(b))[0].sum())(*a).square().sum())(*inputs)

@@ -107,8 +107,8 @@ def test_layernorm_mlp_cpu_bf16(small_blocks, norm, activation, recompute):
 
 @pytest.mark.parametrize("activation,recompute", [("gelu_tanh", False), ("swiglu", True)])
 def test_layernorm_mlp_cpu_bf16_two_blocks(monkeypatch, activation, recompute):
-    """Exactly two token blocks (33 rows: 17 + 16), where the bf16 weight gradients of the second
-    block are added to the first's in one pass instead of through fp32 sums."""
+    """Exactly two token blocks (33 rows: 17 + 16), where the second block's bf16 weight-gradient
+    GEMMs add into the first block's results (beta = 1) instead of going through fp32 sums."""
     _require_cpu_kernel()
     monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", "17")
     _check("cpu", (33, 97), 200, torch.bfloat16, activation=activation, recompute=recompute)

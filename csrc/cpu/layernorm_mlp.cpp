@@ -236,14 +236,6 @@ void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t
   });
 }
 
-void sum_bf16_pair(bf16* x0, const bf16* y0, int64_t n0, bf16* x1, const bf16* y1, int64_t n1, int num_threads) {
-  over_chunks(n0, n1, num_threads, [&](int array, int64_t begin, int64_t end) {
-    bf16* x = array == 0 ? x0 : x1;
-    const bf16* y = array == 0 ? y0 : y1;
-    for (int64_t i = begin; i < end; ++i) x[i].bits = bf16_bits_rne(mlp::to_float(x[i]) + mlp::to_float(y[i]));
-  });
-}
-
 }  // namespace
 
 bool parse_activation(const char* name, Activation* out) {
@@ -280,12 +272,6 @@ void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, floa
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads) {
   fold_bf16(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
-}
-
-void sum_bf16_block_pair(void* x0, const void* y0, int64_t n0, void* x1, const void* y1, int64_t n1,
-                         int num_threads) {
-  sum_bf16_pair(static_cast<bf16*>(x0), static_cast<const bf16*>(y0), n0, static_cast<bf16*>(x1),
-                static_cast<const bf16*>(y1), n1, num_threads);
 }
 
 }  // namespace cpu

@@ -74,10 +74,5 @@ enum class FoldStep { First, Middle, Last };
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads);
 
-// Two blocks in all: x = bf16(x + y) in fp32 (x0 += y0, x1 += y1), the first block's bf16 GEMM
-// results x and the second's y; the same bits as First then Last, with no fp32 sums in memory.
-void sum_bf16_block_pair(void* x0, const void* y0, int64_t n0, void* x1, const void* y1, int64_t n1,
-                         int num_threads);
-
 }  // namespace cpu
 }  // namespace fusedlm

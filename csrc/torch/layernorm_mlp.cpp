@@ -8,14 +8,15 @@
 // the proj GEMM accumulating into y = x + proj_bias. Neither the normalised x nor the
 // activation output ever exists for all rows; the (block, h) intermediates are written by one
 // GEMM and read by the next while they are still in the last-level cache. The backward, per
-// block: the norm again, (the fc GEMM again when recompute), d(act) = dy proj_w, the
-// activation-derivative pass (d(pre) and act), the two weight-gradient GEMMs accumulating in
-// fp32 across blocks, d(xn) = d(pre) fc_w, and the layer_norm backward row kernel with the
-// residual's dy added. Weight gradients: fp32 inputs accumulate straight into fp32 with the
-// GEMM (addmm_, beta = 1; the first block writes); bf16 ones through a bf16 GEMM per block (fp32
-// accumulation inside it, as ATen's bf16 matmul) whose results are summed in fp32, the last block
-// rounding the sum into the bf16 gradient (one block: its GEMM is the gradient). All of it runs in a fixed
-// order: the gradients have the same bits on every run.
+// block: the norm again, (the fc GEMM again when recompute, into the d(pre) buffer), d(act) = dy
+// proj_w, the activation-derivative pass (d(pre), in place over a recomputed pre, and act), the
+// two weight-gradient GEMMs accumulating across blocks, d(xn) = d(pre) fc_w, and the layer_norm
+// backward row kernel with the residual's dy added. Weight gradients: the first block's GEMMs
+// write them, the next ones add (addmm_, beta = 1): fp32 inputs accumulate straight into fp32;
+// bf16 ones in two blocks too (the GEMM adds the first block's bf16 result in fp32 and rounds
+// once); bf16 over more blocks through a bf16 GEMM per block (fp32 accumulation inside it, as
+// ATen's bf16 matmul) whose results are summed in fp32, the last block rounding the sum into the
+// bf16 gradient. All of it runs in a fixed order: the gradients have the same bits on every run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -163,42 +164,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
 
   const int64_t block = token_block(m, fc_out, x.element_size());
   Tensor xn = at::empty({block, d}, x.options());  // the normalised x, then d(xn)
-  Tensor pre_buf = recompute ? at::empty({block, fc_out}, x.options()) : Tensor();
   Tensor dact = at::empty({block, h}, x.options());  // d(act), then act
-  Tensor dpre = at::empty({block, fc_out}, x.options());
+  Tensor dpre = at::empty({block, fc_out}, x.options());  // (the recomputed pre, then) d(pre)
   // The block's statistics, recomputed by the forward's kernel (the same bits): not saved by the forward.
   Tensor stats = at::empty({2 * block}, f32);
   Tensor ln_ws = at::empty({cpu::layer_norm_bwd_workspace_floats(block, d)}, f32);
-  // The weight gradients. fp32: the first block's GEMMs write them, the others add (beta = 1). bf16:
-  // each block's GEMMs write dfc_w / dproj_w in bf16 and fold_bf16_block sums them in fp32 (the
-  // last block rounds the sum back into them); over exactly two blocks the second block's GEMMs
-  // write into scratch and one pass adds the pair (the same bits, no fp32 sums); one block alone
-  // needs neither. dfc_acc / dproj_acc: the fp32 sums, or the pair's second bf16 results.
+  // The weight gradients. The first block's GEMMs write them, the others add (beta = 1): fp32
+  // accumulates in fp32; bf16 over two blocks rounds once more (the first block's result) than one
+  // GEMM over all rows would. bf16 over more blocks: each block's GEMMs write dfc_w / dproj_w in bf16
+  // and fold_bf16_block sums them in fp32 into dfc_acc / dproj_acc (the last block rounds the sum
+  // back into them), so that the rounding error does not grow with the number of blocks.
   const int64_t num_blocks = (m + block - 1) / block;
-  const bool bf16_pair = bf16 && num_blocks == 2, bf16_fold = bf16 && num_blocks > 2;
+  const bool bf16_fold = bf16 && num_blocks > 2;
   const auto zeros_if_no_rows = [&](at::IntArrayRef shape, at::TensorOptions o) {
     return m == 0 ? at::zeros(shape, o) : at::empty(shape, o);
   };
   Tensor dfc_w = zeros_if_no_rows({fc_out, d}, bf16 ? x.options() : f32);
   Tensor dproj_w = zeros_if_no_rows({d, h}, bf16 ? x.options() : f32);
-  Tensor dfc_acc = bf16_fold ? at::empty({fc_out, d}, f32) : bf16_pair ? at::empty({fc_out, d}, x.options()) : Tensor();
-  Tensor dproj_acc = bf16_fold ? at::empty({d, h}, f32) : bf16_pair ? at::empty({d, h}, x.options()) : Tensor();
+  Tensor dfc_acc = bf16_fold ? at::empty({fc_out, d}, f32) : Tensor();
+  Tensor dproj_acc = bf16_fold ? at::empty({d, h}, f32) : Tensor();
 
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
     norm_rows(x, r0, rows, norm_weight, norm_bias, xn, stats.data_ptr<float>(), stats.data_ptr<float>() + block, eps,
               rms, dtype, isa);
     const Tensor xn_b = xn.narrow(0, 0, rows);
-    Tensor pre_b;
-    if (recompute) {
-      pre_b = pre_buf.narrow(0, 0, rows);
-      at::mm_out(pre_b, xn_b, fc_weight.t());
-    } else {
-      pre_b = pre_act.narrow(0, r0, rows);
-    }
+    Tensor dpre_b = dpre.narrow(0, 0, rows);
+    if (recompute) at::mm_out(dpre_b, xn_b, fc_weight.t());  // pre without its bias; the pass adds it
+    const Tensor pre_b = recompute ? dpre_b : pre_act.narrow(0, r0, rows);
     const Tensor dy_b = dy.narrow(0, r0, rows);
     Tensor dact_b = dact.narrow(0, 0, rows);
-    Tensor dpre_b = dpre.narrow(0, 0, rows);
     at::mm_out(dact_b, dy_b, proj_weight);
 
     cpu::MlpActBwdArgs ab{};
@@ -216,14 +211,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     cpu::mlp_act_bwd(ab);
 
     // dproj_w += dy^T act, dfc_w += d(pre)^T xn.
-    if (bf16 || r0 == 0) {
-      const bool second_of_pair = bf16_pair && r0 > 0;
-      at::mm_out(second_of_pair ? dproj_acc : dproj_w, dy_b.t(), dact_b);
-      at::mm_out(second_of_pair ? dfc_acc : dfc_w, dpre_b.t(), xn_b);
-      if (second_of_pair) {
-        cpu::sum_bf16_block_pair(dproj_w.data_ptr(), dproj_acc.data_ptr(), d * h, dfc_w.data_ptr(),
-                                 dfc_acc.data_ptr(), fc_out * d, nt);
-      } else if (bf16_fold) {
+    if (r0 == 0 || bf16_fold) {
+      at::mm_out(dproj_w, dy_b.t(), dact_b);
+      at::mm_out(dfc_w, dpre_b.t(), xn_b);
+      if (bf16_fold) {
         const auto step = r0 == 0 ? cpu::FoldStep::First : r0 + rows == m ? cpu::FoldStep::Last : cpu::FoldStep::Middle;
         cpu::fold_bf16_block(dproj_w.data_ptr(), dproj_acc.data_ptr<float>(), d * h, dfc_w.data_ptr(),
                              dfc_acc.data_ptr<float>(), fc_out * d, step, nt);

@@ -118,9 +118,15 @@ class _CopyGrad(torch.autograd.Function):
     Inside a model both are activations and dx flows on to their producers without a copy.
     """
 
+    generate_vmap_rule = True  # torch.func transforms take it too (functorch style: setup_context)
+
     @staticmethod
-    def forward(ctx, t):
+    def forward(t):
         return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):

@@ -41,7 +41,8 @@ The reduction ("mean" over the non-ignored tokens, 0 when all are ignored; "sum"
 here on the per-token losses, so autograd hands the op a per-token gradient that covers every
 reduction and any upstream scaling. lse is returned with return_lse=True but carries no gradient.
 A target outside [0, V) that is not ignore_index raises for CPU tensors (checked here, except
-under torch.compile); the kernels never read it (that token's loss is NaN, its gradient 0).
+under torch.compile and torch.func transforms); the kernels never read it (that token's loss is
+NaN, its gradient 0).
 
 The Triton backend ("triton": kernels/softmax_output.py, fusedlm::linear_cross_entropy_{fwd,bwd}_triton)
 takes the same schema. Forward in the Cut Cross-Entropy manner: no buffer at all; logit tiles live in
@@ -181,9 +182,9 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
         raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap}")
-    # A free check on the host for CPU tensors (a data-dependent branch, so not while compiling);
-    # the kernels guard their reads instead.
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+    # A free check on the host for CPU tensors (a data-dependent branch, so not while compiling or
+    # under a torch.func transform); the kernels guard their reads instead.
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and not autograd.functorch_active():
         bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
         if bad.any():
             first = target[bad][0].item()
