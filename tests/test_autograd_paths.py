@@ -273,3 +273,20 @@ def test_second_derivatives_raise(monkeypatch, backend, op, fast_path):
     with pytest.raises(RuntimeError, match=f"{name}: the fused op's backward is not differentiable"):
         torch.func.grad(lambda *a: torch.func.grad(lambda *b: fn(list(b)).sum() if not isinstance(fn(list(b)), tuple)
                                                    else fn(list(b))[0].sum())(*a).square().sum())(*inputs)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's per-sample batching fallback
+@pytest.mark.parametrize("backend", backend_params(cuda=False) + backend_params(cpu=False, triton=False))
+def test_jacrev_matches_the_reference(backend):
+    """torch.func.jacrev (vjp, vmapped over the cotangents) of layer_norm and causal attention
+    against the float64 reference's Jacobian."""
+    g = torch.Generator().manual_seed(0)
+    device = backend_device(backend)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((3, 8), (8,), (8,)))
+    jac = torch.func.jacrev(lambda x: fusedlm.layer_norm(x, w, b, backend=backend))(x)
+    ref = torch.func.jacrev(lambda x: fusedlm.reference.layer_norm(x, w.double(), b.double()))(x.double())
+    torch.testing.assert_close(jac.double(), ref, rtol=1e-5, atol=1e-5)
+    q = torch.randn(1, 2, 5, 16, generator=g).to(device)
+    jac = torch.func.jacrev(lambda q: fusedlm.attention(q, q, q, causal=True, backend=backend))(q)
+    ref = torch.func.jacrev(lambda q: fusedlm.reference.attention(q, q, q, causal=True))(q.double())
+    torch.testing.assert_close(jac.double(), ref, rtol=1e-5, atol=1e-5)
