@@ -290,3 +290,31 @@ def test_jacrev_matches_the_reference(backend):
     jac = torch.func.jacrev(lambda q: fusedlm.attention(q, q, q, causal=True, backend=backend))(q)
     ref = torch.func.jacrev(lambda q: fusedlm.reference.attention(q, q, q, causal=True))(q.double())
     torch.testing.assert_close(jac.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_create_graph_gradients_stay_writable_in_place():
+    """First derivatives taken with create_graph=True can be changed in place (a hook that scales
+    the gradient, g.add_), as torch's own ops allow."""
+    x, w, b = torch.randn(4, 8, requires_grad=True), torch.randn(8), torch.randn(8)
+    g, = torch.autograd.grad(fusedlm.layer_norm(x, w, b, backend="cpu").square().sum(), x, create_graph=True)
+    expected = g.detach().clone()
+    g.add_(1.0)
+    torch.testing.assert_close(g.detach(), expected + 1.0)
+    x.register_hook(lambda grad: grad.mul_(2))
+    g2, = torch.autograd.grad(fusedlm.layer_norm(x, w, b, backend="cpu").square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g2.detach(), 2 * expected)
+
+
+def test_functionalize_takes_the_op():
+    """torch.func.functionalize (which has no rule for an autograd.Function) runs the op itself,
+    also under make_fx."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(4, 8), torch.randn(8)
+
+    def f(x):
+        return fusedlm.layer_norm(x, w, backend="cpu") * 2
+
+    torch.testing.assert_close(torch.func.functionalize(f)(x), f(x))
+    graph = make_fx(torch.func.functionalize(f))(x)
+    assert "fusedlm.layer_norm_fwd" in graph.code

@@ -46,7 +46,7 @@ struct MlpActFwdArgs {
 // gradient is d(y)^T act). Column sums of d(pre) (the fc bias gradient) are added in fp32 to
 // dbias_acc, each column by one thread in row order: the same bits for any thread count.
 struct MlpActBwdArgs {
-  const void* pre;     // (rows, fc_out)
+  const void* pre;     // (rows, fc_out); may be dpre itself (the backward's recompute path): see act_bwd_cols
   const void* bias;    // (fc_out,) added to pre on the fly (pre recomputed without it), or nullptr
   void* dact_act;      // (rows, h) in: d(act); out: act
   void* dpre;          // (rows, fc_out) out

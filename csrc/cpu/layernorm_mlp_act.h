@@ -115,6 +115,9 @@ void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
 // Backward over columns [c0, c1) of act for every row: reads pre (+ bias, rounded as the forward
 // stored it) and g = d(act); writes act over g and d(pre); adds d(pre) to the column sums
 // cs[0, c1 - c0) (gated: the b half to cs[c1 - c0, 2 (c1 - c0))) when cs is set.
+// pre and dpre may be one buffer (d(pre) written over a recomputed pre): each step loads pre[j]
+// (and pre[h + j]) before it stores dpre[j] (and dpre[h + j]), and no other step or thread touches
+// those positions; keep that order, and no __restrict__ on the two.
 template <class K, typename T, Activation A>
 void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
   using V = typename K::V;

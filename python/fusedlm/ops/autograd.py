@@ -20,15 +20,16 @@ with the forward op's arguments:
   setup_context): functorch runs its forward one level down and vmaps forward, setup_context and
   backward (generate_vmap_rule), the custom ops inside through torch's per-sample batching
   fallback. Forward-mode transforms (jvp, jacfwd) have no rule and raise;
-- under torch.compile and torch.jit.trace, the op itself, through its registration (a trace
-  records the custom op, not a Python Function it could not save).
+- under torch.compile, torch.jit.trace and torch.func.functionalize, the op itself, through its
+  registration (a trace records the custom op, not a Python Function it could not save).
 
 Each op's Function is its own subclass, so that profiles and anomaly tracebacks name the op
 (`fusedlm_layer_norm_fwdBackward`).
 
 Every path runs the backward once-differentiable: the backward ops have no derivative, and a
 second derivative (a gradient taken with create_graph=True and differentiated again, grad of
-grad) raises an error naming the op instead of torch's fallback warning and zeros.
+grad) raises an error naming the op instead of torch's fallback warning and zeros (under
+torch.compile, AOTAutograd's own error on double backward comes first).
 
 The time this saves is host time per call, which decides the speed of small ops (and of mid-sized
 ones on a GPU, where the kernels take microseconds): `python -m fusedlm.benchmarks.overhead`.
@@ -43,8 +44,17 @@ import torch
 EAGER_FAST_PATH = True
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
-# True inside a torch.func transform (grad, vmap, ...)
+# True inside a torch.func transform (grad, vmap, functionalize, ...)
 functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _differentiating_transform() -> bool:
+    """Whether the innermost torch.func transform is grad (also vjp, jacrev), jvp or vmap: those take
+    the functorch-form Function; functionalize takes the op itself (it has no rule for a Function)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    return retrieve_current_functorch_interpreter().key() != TransformType.Functionalize
 
 
 class _Eager(torch.autograd.Function):
@@ -107,7 +117,7 @@ class AutogradOp:
     def __call__(self, *args):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self.fwd(*args)
-        if functorch_active():  # the registration has no functorch support
+        if functorch_active() and _differentiating_transform():  # the registration has no functorch support
             return self.transformable.apply(self, *args)
         if not EAGER_FAST_PATH:
             return self.fwd(*args)
@@ -126,7 +136,8 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def forward(message, n, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
+        # detach, not a view: the gradients stay changeable in place (a hook's g.mul_, g.add_)
+        return tuple(t.detach() for t in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
