@@ -15,7 +15,9 @@ Timing. CPU: time.perf_counter around one rep, after warm-up; the providers of a
 interleaved rep by rep (round-robin, rotating who goes first) so that machine noise falls on
 all of them alike. GPU: triton.testing.do_bench (L2 flushed before every rep) for forward
 and forward+backward; backward alone, and every mode when Triton is missing, with CUDA
-events around each rep after the same flush. Reported: the median and p20-p80 of the reps.
+events around each rep after the same flush. Reported: the median and p20-p80 of the reps; the
+target lines (run.py) also give, on the CPU, the median of the per-round ratios of two providers,
+which a slow spell of a shared machine moves less than the ratio of their medians.
 
 Memory (peak bytes per mode, bytes saved for backward): memory.py.
 """

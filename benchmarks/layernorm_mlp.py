@@ -65,6 +65,15 @@ PRESETS = {
 REPEATS = {("cpu", "quick"): 10, ("cpu", "full"): 5}
 
 
+# The CPU time target, fp32 and bf16: forward+backward within 1.04x of the six GEMMs alone, i.e. a
+# speed-up over them of at least 1 / 1.04 (recompute=False; recompute=True may cost one more GEMM).
+TARGETS = {("cpu", (4096, 768, 3072)): [("forward+backward", "six GEMMs", 1 / 1.04, "fusedlm[cpu]")]}
+
+
+def target(case: Case) -> list | None:
+    return TARGETS.get((case.device, tuple(case.shape)))
+
+
 def cases(preset: str, device: str, dtypes: list) -> list:
     return [Case(OP, v, shape, dt, device) for v in VARIANTS for shape in PRESETS[(device, preset)] for dt in dtypes
             if not (device == "cpu" and dt == "float16")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -118,11 +119,21 @@ def key_ratios(rows: list) -> list:
             if r.provider.startswith("fusedlm[") and r.mode == "forward+backward" and r.ratio is not None]
 
 
+def paired_ratio(this: list, other: list) -> float | None:
+    """The median over reps of other_i / this_i: rep i of two providers ran in the same round of the
+    interleaved CPU timing, so a slow spell of the machine that spans a round cancels out (the ratio
+    of the two medians does not pair them). None where the reps are not paired (GPU timers)."""
+    if not this or len(this) != len(other):
+        return None
+    return statistics.median(o / t for o, t in zip(other, this))
+
+
 def target_lines(opmod, rows: list) -> list:
     """One line per goal of a fusedlm row: target(case) is the least forward+backward speed-up over the
-    baseline (a number), or a list of (mode, provider, least speed-up) goals; each says met or missed."""
+    baseline (a number), or a list of (mode, provider, least speed-up[, the fusedlm provider it is for])
+    goals; each says met or missed, by the ratio of the medians, and gives the paired ratio too."""
     target = getattr(opmod, "target", lambda case: None)
-    medians = {(r.case, r.provider, r.mode): r.median_ms for r in rows}
+    by_key = {(r.case, r.provider, r.mode): r for r in rows}
     lines = []
     for r in rows:
         goals = target(r.case) if r.provider.startswith("fusedlm[") else None
@@ -130,15 +141,17 @@ def target_lines(opmod, rows: list) -> list:
             continue
         if not isinstance(goals, (list, tuple)):
             goals = [("forward+backward", r.baseline, goals)]
-        for mode, against, goal in goals:
-            if mode != r.mode:
+        for mode, against, goal, *only in goals:
+            if mode != r.mode or (only and r.provider != only[0]):
                 continue
-            other = medians.get((r.case, against, mode))
-            ratio = other / r.median_ms if other and r.median_ms else None
+            other = by_key.get((r.case, against, mode))
+            ratio = other.median_ms / r.median_ms if other and other.median_ms and r.median_ms else None
             got = "failed" if ratio is None else f"{ratio:.3f}x"
+            paired = paired_ratio(r.times_ms, other.times_ms) if ratio is not None else None
+            got += "" if paired is None else f" (paired by round: {paired:.3f}x)"
             verdict = "met" if ratio is not None and ratio >= goal else "MISSED"
             lines.append(f"target {verdict}: {r.case.variant} {r.case.label} {r.case.dtype} {r.provider} {mode} "
-                         f"{got} vs {against} (goal >= {goal:.2f}x)")
+                         f"{got} vs {against} (goal >= {goal:.3f}x)")
     return lines
 
 

@@ -161,3 +161,24 @@ def test_overhead_table_has_every_op_and_mode(capsys):
         assert sum(row.startswith(f"| {op} ") for row in rows) == 2
     from fusedlm.ops import autograd
     assert autograd.EAGER_FAST_PATH  # the library-path provider restores the switch
+
+
+def test_target_lines_pair_the_reps_by_round():
+    """A target line gives the ratio of the medians (the verdict) and the median of the per-round
+    ratios; a goal for one fusedlm provider leaves the others alone."""
+    case = harness.Case("layernorm_mlp", "gpt2", (4096, 768, 3072), "float32", "cpu")
+    # slow rounds (3 to 5) move the medians apart (5 against 25: 0.2x); round by round the op takes 1.25x
+    # the floor's time or more (median 0.8x)
+    floor = [4.0, 4.0, 20.0, 20.0, 5.0]
+    ours = [5.0, 5.0, 25.0, 30.0, 30.0]
+    rows = []
+    for name, times in (("six GEMMs", floor), ("fusedlm[cpu]", ours), ("fusedlm[cpu,recompute]", ours)):
+        row = harness.Row(case, name, "forward+backward", baseline="eager")
+        harness._summarize(row, times)
+        rows.append(row)
+    opmod = type("Op", (), {"target": staticmethod(lambda c: [("forward+backward", "six GEMMs", 0.9, "fusedlm[cpu]")])})
+    lines = bench_run.target_lines(opmod, rows)
+    assert len(lines) == 1 and lines[0].startswith("target MISSED: gpt2 4096x768x3072 float32 fusedlm[cpu] ")
+    assert "0.200x (paired by round: 0.800x) vs six GEMMs (goal >= 0.900x)" in lines[0]
+    assert bench_run.paired_ratio([1.0, 2.0, 4.0], [2.0, 2.0, 2.0]) == 1.0
+    assert bench_run.paired_ratio([1.0], [1.0, 2.0]) is None
