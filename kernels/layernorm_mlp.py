@@ -77,7 +77,7 @@ def _act_parts(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu_tanh":
         f, df = _gelu_tanh(x)
     elif ACTIVATION == "relu":
-        f = tl.maximum(x, 0.0)
+        f = tl.where(x < 0.0, 0.0, x)  # NaN kept, as torch.relu (tl.maximum would give 0)
         df = tl.where(x > 0.0, 1.0, 0.0)
     elif ACTIVATION == "silu" or ACTIVATION == "swiglu":
         f, df = _silu(x)

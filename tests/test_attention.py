@@ -259,6 +259,29 @@ def test_attention_cpu_bf16_without_avx512_bf16(monkeypatch, causal):
     _check_all(out, lse, grads, q, k, v, do, causal, dlse)
 
 
+@pytest.mark.parametrize("isa,bf16", [("scalar", "1"), ("avx512", "1"), ("avx512", "0")], ids=["scalar", "avx512",
+                                                                                          "avx512-no-bf16-dots"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nq", [1, 70], ids=["decode", "tiles"])
+def test_attention_cpu_nan_key_makes_its_rows_nan(monkeypatch, isa, bf16, dtype, nq):
+    """A NaN in one key makes the output of every query that sees that key NaN, as the reference's
+    (the AVX-512 exp once clamped NaN scores to 0 and dropped the key); the queries that do not see it
+    (causal) stay as the reference's; the backward's gradients of those rows stay finite."""
+    if isa == "avx512" and "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("FUSEDLM_CPU_ISA", isa)
+    monkeypatch.setenv("FUSEDLM_CPU_BF16", bf16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=g).to(dtype) for n in (nq, 80, 80))
+    k[0, 1, 75, 5] = float("nan")  # head 1, key 75: with causal alignment, queries i >= 75 - (80 - nq) see it
+    out = fusedlm.attention(q, k, v, causal=True, backend="cpu").float()
+    ref = fusedlm.reference.attention(q.double(), k.double(), v.double(), causal=True)
+    sees = torch.arange(nq) + (80 - nq) >= 75
+    assert out[0, 1, sees].isnan().all()
+    torch.testing.assert_close(out[0, 1, ~sees].double(), ref[0, 1, ~sees], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out[0, 0].double(), ref[0, 0], rtol=3e-2, atol=3e-2)
+
+
 def test_attention_cpu_isa_variable_is_checked(monkeypatch):
     monkeypatch.setenv("FUSEDLM_CPU_ISA", "sse9")
     q = torch.randn(1, 2, 5, 16)

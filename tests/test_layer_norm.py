@@ -173,6 +173,13 @@ def test_layer_norm_bad_options():
         fusedlm.layer_norm(x, w, b, residual=torch.randn(3, 64))
     with pytest.raises(ValueError, match="layer_norm: backend must be one of"):
         fusedlm.layer_norm(x, w, b, backend="mkl")
+    with pytest.raises(TypeError, match="layer_norm: eps must be a finite number, got '1e-5'"):
+        fusedlm.layer_norm(x, w, b, eps="1e-5")
+    with pytest.raises(TypeError, match="layer_norm: eps must be a finite number, got True"):
+        fusedlm.layer_norm(x, w, b, eps=True)
+    # 1e-50 passes eps > 0 but is 0 in float32, where the kernels add it: a NaN for a constant row
+    with pytest.raises(ValueError, match="layer_norm: eps must be 0 or of magnitude within float32's normal range"):
+        fusedlm.layer_norm(x, w, b, eps=1e-50)
 
 
 def test_layer_norm_backend_that_cannot_run_is_an_error():

@@ -195,6 +195,30 @@ def test_layernorm_mlp_cpu_code_paths(monkeypatch, small_blocks, path, dtype, ac
            grads=not (dtype == torch.bfloat16 and activation == "relu"))
 
 
+@pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_layernorm_mlp_cpu_nan_propagates(monkeypatch, path, dtype, activation):
+    """A NaN in a token's x makes that token's output NaN for every activation, relu included
+    (torch.relu keeps NaN; max(x, 0) in any operand order would not), and leaves the other tokens as
+    the reference has them."""
+    _require_cpu_kernel()
+    _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
+    g = torch.Generator().manual_seed(0)
+    h = 32 if activation in GATED else 64
+    x = torch.randn(5, 16, generator=g)
+    x[2, 3] = float("nan")
+    params = (torch.ones(16), torch.zeros(16), torch.randn(2 * h if activation in GATED else h, 16, generator=g) / 4,
+              None, torch.randn(16, h, generator=g) / 8, None)
+    y = fusedlm.layernorm_mlp(x.to(dtype), *(p.to(dtype) if p is not None else None for p in params),
+                              activation=activation, residual=False, backend="cpu").float()
+    ref = fusedlm.reference.layernorm_mlp(x.double(), *(p.double() if p is not None else None for p in params),
+                                          activation=activation, residual=False)
+    assert y[2].isnan().all() and ref[2].isnan().all()
+    keep = torch.tensor([0, 1, 3, 4])
+    torch.testing.assert_close(y[keep].double(), ref[keep], rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_layernorm_mlp_cpu_bf16_conversions_agree(monkeypatch, activation):
     """bf16 through vcvtneps2bf16 (avx512_bf16) and through the integer rounding (bit-exact with
@@ -328,6 +352,8 @@ BAD = [
     ("recompute a string", lambda a: a, {"recompute": "yes"}, TypeError,
      "layernorm_mlp: recompute must be True or False, got 'yes'"),
     ("eps None", lambda a: a, {"eps": None}, TypeError, "layernorm_mlp: eps must be a finite number, got None"),
+    ("eps 0 in float32", lambda a: a, {"eps": 1e-50}, ValueError,
+     "layernorm_mlp: eps must be 0 or of magnitude within float32's normal range"),
 ]
 
 

@@ -154,6 +154,20 @@ def test_recompute_matches_saved_pre_act_and_gradients_are_deterministic():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_relu_keeps_nan():
+    """A NaN pre-activation stays NaN through relu, as torch.relu (tl.maximum(x, 0) gave 0): the
+    token whose x holds a NaN comes out NaN, the others as the reference."""
+    from fusedlm.kernels import layernorm_mlp as kernels
+
+    args = list(_inputs("layernorm", "relu", False, 5, 16, 32))
+    args[0][2, 3] = float("nan")
+    ref = reference.layernorm_mlp(*args, eps=EPS, activation="relu", residual=False)
+    y = kernels.layernorm_mlp_fwd(*_on_device(args), EPS, False, "relu", False, False)[0].cpu().double()
+    assert y[2].isnan().all() and ref[2].isnan().all()
+    keep = torch.tensor([0, 1, 3, 4])
+    torch.testing.assert_close(y[keep], ref[keep], rtol=1e-4, atol=1e-5)
+
+
 def test_empty_batch():
     from fusedlm.kernels import layernorm_mlp as kernels
 

@@ -404,6 +404,7 @@ def test_sample_bad_options():
         (dict(top_k=float("inf")), ValueError, "sample: top_k must be a positive integer"),
         (dict(top_p=0.0), ValueError, r"sample: top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, r"sample: top_p must be in \(0, 1\]"),
+        (dict(top_p=True), ValueError, r"sample: top_p must be in \(0, 1\]"),
         (dict(temperature=-1.0), ValueError, "sample: temperature must be 0 \\(greedy\\) or >= "),
         (dict(temperature=1e-300), ValueError, "sample: temperature must be 0 \\(greedy\\) or >= 4.24e-39"),
         (dict(temperature=float("nan")), TypeError, "sample: temperature must be a finite number"),
@@ -422,6 +423,9 @@ def test_sample_bad_options():
     for args, kw in (((x_bad, w), {}), ((x.abs(), w_bad), dict(top_k=3)), ((x, w, torch.full((11,), float("nan"))), {})):
         with pytest.raises(ValueError, match="sample: the probabilities of some row are NaN"):
             fusedlm.sample(*args, **kw)
+    # greedy: a NaN logit has no argmax (torch.argmax would return its index)
+    with pytest.raises(ValueError, match="sample: the logits of some row are NaN"):
+        fusedlm.sample(x_bad, w, temperature=0)
     # A generator of another device than x's (meta tensors: no computation is needed to raise).
     with pytest.raises(ValueError, match="sample: generator is on cpu but x is on meta"):
         fusedlm.sample(x.to("meta"), w.to("meta"), generator=torch.Generator())

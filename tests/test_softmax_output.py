@@ -276,6 +276,12 @@ def test_linear_cross_entropy_bad_inputs(backend, make, exc, msg):
     (dict(z_loss=float("nan")), TypeError, "linear_cross_entropy: z_loss must be a finite number"),
     (dict(softcap="30"), TypeError, "linear_cross_entropy: softcap must be a finite number"),
     (dict(label_smoothing=1.0), ValueError, r"linear_cross_entropy: label_smoothing must be in \[0, 1\)"),
+    # values that are 0 or inf in float32, where the kernels use them (1e-46 would read as "no softcap")
+    (dict(softcap=1e-46), ValueError, "linear_cross_entropy: softcap must be 0 or of magnitude within float32"),
+    (dict(softcap=1e39), ValueError, "linear_cross_entropy: softcap must be 0 or of magnitude within float32"),
+    (dict(z_loss=1e39), ValueError, "linear_cross_entropy: z_loss must be 0 or of magnitude within float32"),
+    (dict(ignore_index=2**64), ValueError, "linear_cross_entropy: ignore_index must fit in int64"),
+    (dict(return_lse=1), TypeError, "linear_cross_entropy: return_lse must be True or False, got 1"),
 ])
 def test_linear_cross_entropy_bad_options(kw, exc, msg):
     x, w, t = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 3, -100])

@@ -239,7 +239,7 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
       T* orow = out + (bh * nq_all + q0) * d;
       float* lse = a.lse + bh * nq_all + q0;
       for (int64_t i = 0; i < nq; ++i) {
-        const bool seen = l[i] > 0.0f;
+        const bool seen = l[i] != 0.0f;  // NaN (a NaN score) counts as seen: out and lse NaN, as the reference
         const float inv = seen ? 1.0f / l[i] : 0.0f;
         for (int64_t j = 0; j < d; ++j) store(orow + i * d + j, o[i * d + j] * inv);
         lse[i] = seen ? (m[i] + std::log2(l[i])) * kLn2 : -kInf;

@@ -100,9 +100,11 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_
 
 // 2^x for x <= 0 (and x = -inf -> 0): x = n + f with n = round(x), |f| <= 1/2; 2^f by its degree-7
 // Taylor polynomial (truncation below 1e-8 relative), times 2^n by vscalefps (which flushes to 0
-// below the fp32 range). The clamp at -200 keeps -inf and NaN-free arithmetic (2^-200 is 0 in fp32).
+// below the fp32 range). The clamp at -200 keeps -inf out of the arithmetic (2^-200 is 0 in fp32);
+// NaN passes it (maxps returns its second operand, x, when one is NaN), so that a NaN score (NaN or
+// inf in q or k) makes its query's row NaN, as in the reference.
 FUSEDLM_INLINE __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.5252734e-5f);

@@ -6,7 +6,8 @@
 // exp(x) = 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2: e^r by its degree-7 Taylor
 // polynomial (truncation error r^8 / 8! < 1e-8 relative, below float32 rounding), 2^n applied by
 // scalef. Inputs are clamped to [-104, 88.7]: below, the result underflows cleanly to 0 (exp(-inf)
-// = 0, as a masked softmax column needs); above, it would overflow float32 anyway.
+// = 0, as a masked softmax column needs); above, it would overflow float32 anyway. NaN stays NaN
+// (as std::exp): a NaN logit or score makes its row NaN, as in the reference.
 #pragma once
 
 #include "cpu/layer_norm_rows.h"  // FUSEDLM_X86
@@ -26,7 +27,8 @@ __attribute__((target("avx512f"))) inline __mmask16 lanes(int64_t left) {
 }
 
 __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  // max/min return their second operand when one is NaN: x second, so that NaN stays NaN
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 = hi + lo, hi exact in 17 bits

@@ -55,7 +55,7 @@ inline void store_bits(bf16* p, float v) {
 
 inline float vexp(float x) { return std::exp(x); }
 inline float vabs(float x) { return std::fabs(x); }
-inline float vrelu(float x) { return x > 0.0f ? x : 0.0f; }
+inline float vrelu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN kept, as torch.relu
 inline float vstep(float x) { return x > 0.0f ? 1.0f : 0.0f; }
 inline float vsign_of(float u, float v) { return u < 0.0f ? -v : v; }
 inline float vrcp(float x) { return 1.0f / x; }

@@ -29,7 +29,8 @@ using rows::bf16;
 
 FUSEDLM_INLINE __m512 vexp(__m512 x) { return avx512::exp16(x); }
 FUSEDLM_INLINE __m512 vabs(__m512 x) { return _mm512_abs_ps(x); }
-FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }
+// max(0, x), NaN kept (maxps returns its second operand, x, when one is NaN), as torch.relu
+FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }
 FUSEDLM_INLINE __m512 vstep(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f));
 }

@@ -42,7 +42,7 @@ __device__ __forceinline__ void terms(float u, float* f, float* df) {
     *f = u * s;
     *df = s + 2.0f * kTanhK * u * s * (1.0f - s) * (1.0f + 3.0f * kTanhC * u2);
   } else if constexpr (A == Activation::Relu) {
-    *f = u > 0.0f ? u : 0.0f;
+    *f = u < 0.0f ? 0.0f : u;  // NaN kept, as torch.relu
     *df = u > 0.0f ? 1.0f : 0.0f;
   } else {  // Silu, Swiglu
     const float s = 1.0f / (1.0f + __expf(-u));

@@ -55,12 +55,24 @@ def check_choice(op: str, name: str, value, choices):
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_number(op: str, name: str, value, *, integer=False) -> None:
-    """A finite Python number (an int when `integer`); bools and tensors are refused."""
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+INT64_RANGE = (-2**63, 2**63 - 1)
+
+
+def check_number(op: str, name: str, value, *, integer=False, float32=False) -> None:
+    """A finite Python number (an int within int64 when `integer`); bools and tensors are refused.
+    float32: the kernels take the value as a float32, so it must be 0 or of magnitude in
+    [FLOAT32_TINY, FLOAT32_MAX] (a larger one would become inf there, a smaller one 0 or a denormal)."""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value != value or abs(value) == float("inf"):
         what = "an integer" if integer else "a finite number"
         raise TypeError(f"{op}: {name} must be {what}, got {value!r}")
+    if integer and not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value!r}")
+    if float32 and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be 0 or of magnitude within float32's normal range "
+                         f"[{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (the kernels compute in float32), got {value!r}")
 
 
 def check_flag(op: str, name: str, value) -> None:

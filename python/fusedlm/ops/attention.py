@@ -147,7 +147,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
     check_flag(OP, "causal", causal)
     check_flag(OP, "return_lse", return_lse)
     if scale is not None:
-        check_number(OP, "scale", scale)
+        check_number(OP, "scale", scale, float32=True)
         if not scale > 0:
             raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
     chosen = dispatch.resolve(OP, backend, q.device, native_op="attention_fwd", triton=True, dtype=q.dtype)

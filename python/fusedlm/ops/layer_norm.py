@@ -34,7 +34,7 @@ import torch
 
 from fusedlm import dispatch, reference
 from fusedlm.ops import autograd
-from fusedlm.validation import check_choice, check_same, check_shape, check_tensor
+from fusedlm.validation import check_choice, check_number, check_same, check_shape, check_tensor
 
 OP = "layer_norm"
 
@@ -179,6 +179,7 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, norm="layernorm", residual=Non
         check_tensor(OP, "residual", residual, min_ndim=1)
         check_same(OP, "x", x, "residual", residual)
         check_shape(OP, "residual", residual, tuple(x.shape), " (the shape of x)")
+    check_number(OP, "eps", eps, float32=True)
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
 

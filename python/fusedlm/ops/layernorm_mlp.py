@@ -205,7 +205,7 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
                     ("fc_bias", fc_bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
         if t is not None:
             check_same(OP, "x", x, name, t)
-    check_number(OP, "eps", eps)
+    check_number(OP, "eps", eps, float32=True)
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be > 0, got {eps}")
     check_flag(OP, "residual", residual)

@@ -165,23 +165,31 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
 
     Args: as lm_head_softmax, plus top_k: None or an integer >= 1; top_p: None or in (0, 1];
     generator: None or a torch.Generator on x's device. temperature: 0 (greedy) or >= MIN_TEMPERATURE.
-    A row of NaN probabilities (NaN or +inf logits, from NaN or inf in x, weight or bias; temperature > 0):
-    a ValueError for CPU tensors; on a GPU that row's id is -1 (raising would cost a host sync per draw,
-    and torch.multinomial's device-side check, in recent torch, ends the process's CUDA context). Replace
-    or check -1 before the ids index anything (an embedding lookup of -1 asserts on a GPU too), e.g.
-    torch.where(ids < 0, pad_id, ids). A -inf bias entry (a masked token) is fine: its probability is 0.
+    A row of NaN probabilities (NaN or +inf logits, from NaN or inf in x, weight or bias; with
+    temperature=0, a NaN logit): a ValueError for CPU tensors; on a GPU that row's id is -1 (raising
+    would cost a host sync per draw, and torch.multinomial's device-side check, in recent torch, ends
+    the process's CUDA context). Replace or check -1 before the ids index anything (an embedding
+    lookup of -1 asserts on a GPU too), e.g. torch.where(ids < 0, pad_id, ids). A -inf bias entry (a
+    masked token) is fine: its probability is 0.
     """
     op = "sample"
     _check_projection(op, x, weight, bias)
     _check_temperature(op, temperature, greedy=True)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{op}: top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"{op}: top_p must be in (0, 1] or None, got {top_p!r}")
     _check_generator(op, generator, x.device)
     with torch.no_grad():  # token ids carry no gradient
-        if temperature == 0:
-            return F.linear(x, weight, bias).argmax(dim=-1)
+        if temperature == 0:  # greedy; a row with a NaN logit has no argmax: the error, or -1 on a GPU
+            logits = F.linear(x, weight, bias)
+            ids = logits.argmax(dim=-1)
+            nan_rows = torch.isnan(logits).any(-1)
+            if logits.device.type == "cpu":
+                if bool(nan_rows.any()):
+                    raise ValueError(f"{op}: the logits of some row are NaN: x, weight or bias holds NaN or inf")
+                return ids
+            return torch.where(nan_rows, torch.full_like(ids, -1), ids)
         probs = lm_head_softmax(x, weight, bias, temperature=temperature)
         probs = filter_top_k_top_p(probs.reshape(-1, weight.shape[0]), top_k, top_p)
         # NaN or inf in x, weight or bias make a row NaN. On the CPU (synchronous anyway) that is this

@@ -59,7 +59,7 @@ import torch
 
 from fusedlm import dispatch, reference
 from fusedlm.ops import autograd
-from fusedlm.validation import check_choice, check_number, check_same, check_shape, check_tensor
+from fusedlm.validation import check_choice, check_flag, check_number, check_same, check_shape, check_tensor
 
 TARGET_DTYPES = (torch.int64, torch.int32)
 
@@ -173,9 +173,10 @@ def linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100, red
     check_choice(op, "reduction", reduction, reference.REDUCTIONS)
     check_number(op, "ignore_index", ignore_index, integer=True)
     check_number(op, "label_smoothing", label_smoothing)
-    check_number(op, "z_loss", z_loss)
+    check_number(op, "z_loss", z_loss, float32=True)
     if softcap is not None:
-        check_number(op, "softcap", softcap)
+        check_number(op, "softcap", softcap, float32=True)
+    check_flag(op, "return_lse", return_lse)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
     if not z_loss >= 0.0:
