@@ -104,13 +104,17 @@ class _Func(torch.autograd.Function):
     backward = _Eager.backward
 
 
+def _qualified_name(fwd) -> str:
+    """"fusedlm::layer_norm_fwd": an OpOverload's name(), or a custom_op's qualified name."""
+    return fwd._qualname if hasattr(fwd, "_qualname") else fwd.name()
+
+
 class AutogradOp:
     """A forward custom op with its autograd: call it with the op's arguments."""
 
     def __init__(self, fwd, backward, setup_context):
         self.fwd, self.backward, self.setup_context = fwd, backward, setup_context
-        # "fusedlm::layer_norm_fwd" (an OpOverload's name()) or a custom_op's qualified name
-        name = fwd._qualname if hasattr(fwd, "_qualname") else fwd.name()
+        name = _qualified_name(fwd)
         self.function = type(name.replace("::", "_"), (_Eager,), {})
         self.transformable = type(name.replace("::", "_"), (_Func,), {})
 
@@ -195,8 +199,7 @@ def register(fwd, backward, setup_context) -> AutogradOp:
 
     fwd: a custom op (a torch.library.custom_op function, or an OpOverload such as
     torch.ops.fusedlm.layer_norm_fwd.default)."""
-    name = fwd._qualname if hasattr(fwd, "_qualname") else fwd.name()
-    public = name.split("::")[-1].removesuffix("_triton").removesuffix("_fwd")  # layer_norm_fwd_triton: layer_norm
+    public = _qualified_name(fwd).split("::")[-1].removesuffix("_triton").removesuffix("_fwd")  # layer_norm_fwd_triton: layer_norm
     backward = _once_differentiable(public, backward)
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     return AutogradOp(fwd, backward, setup_context)
