@@ -57,13 +57,21 @@ def _node_names(node):
     return names
 
 
+def _weighted_loss(out, keep=None):
+    """sum(o * w) over the outputs that carry a gradient (`keep`; by default those that require one
+    now), with fixed random weights w drawn in output order: the same loss eagerly and under torch.func."""
+    outs = out if isinstance(out, tuple) else (out,)
+    keep = [o.requires_grad for o in outs] if keep is None else keep
+    gen = torch.Generator().manual_seed(1)
+    return sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+               for o, k in zip(outs, keep) if k)
+
+
 def _run(fn, inputs, needs):
     leaves = [v.clone().requires_grad_(n) for v, n in zip(inputs, needs)]
     out = fn(leaves)
     outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-               for o in outs if o.requires_grad)
+    loss = _weighted_loss(outs)
     nodes = _node_names(outs[0].grad_fn)
     loss.backward()
     return outs, [v.grad for v in leaves], nodes
@@ -179,14 +187,8 @@ def test_torch_func_grad_matches_backward(backend, op):
     outs, grads, _ = _run(fn, inputs, [True] * len(inputs))
     keep = _differentiable(outs)
 
-    def loss(*args):
-        out = fn(list(args))
-        outs = out if isinstance(out, tuple) else (out,)
-        gen = torch.Generator().manual_seed(1)  # _run's weights, drawn in its order
-        return sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-                   for o, k in zip(outs, keep) if k)
-
-    func_grads = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    func_grads = torch.func.grad(lambda *a: _weighted_loss(fn(list(a)), keep), argnums=tuple(range(len(inputs))))(
+        *inputs)
     for name, a, b in zip(range(len(inputs)), func_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{op} input {name}: {m}")
 
@@ -259,20 +261,15 @@ def test_second_derivatives_raise(monkeypatch, backend, op, fast_path):
     outs, grads, _ = _run(fn, inputs, [True] * len(inputs))
     keep = _differentiable(outs)
     leaves = [v.clone().requires_grad_() for v in inputs]
-    out = fn(leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
-               for o, k in zip(outs, keep) if k)
-    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    first = torch.autograd.grad(_weighted_loss(fn(leaves), keep), leaves, create_graph=True)
     for a, b in zip(first, grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     name = "layer_norm" if op == "layer_norm_2d" else op
     with pytest.raises(RuntimeError, match=f"{name}: the fused op's backward is not differentiable"):
         torch.autograd.grad(first[0].square().sum(), leaves)
     with pytest.raises(RuntimeError, match=f"{name}: the fused op's backward is not differentiable"):
-        torch.func.grad(lambda *a: torch.func.grad(lambda *b: fn(list(b)).sum() if not isinstance(fn(list(b)), tuple)
-                                                   else fn(list(b))[0].sum())(*a).square().sum())(*inputs)
+        inner = torch.func.grad(lambda *a: _weighted_loss(fn(list(a)), keep))  # d loss / d first input
+        torch.func.grad(lambda *a: inner(*a).square().sum())(*inputs)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's per-sample batching fallback
