@@ -123,7 +123,7 @@ def _build_ext():
 
 
 setup(
-    packages=["fusedlm", "fusedlm.ops", "fusedlm.kernels", "fusedlm.benchmarks"],
+    packages=["fusedlm", "fusedlm.ops", "fusedlm.nn", "fusedlm.kernels", "fusedlm.benchmarks"],
     package_dir={
         "fusedlm": "python/fusedlm",
         "fusedlm.ops": "python/fusedlm/ops",

@@ -3,13 +3,17 @@
 Data path: model -> fusedlm.<op> (python/fusedlm/ops/<op>.py) -> custom op (dispatcher)
 -> kernel (kernels/<op>.py for Triton, csrc/{cpu,cuda}/<op>.* for C++).
 """
-from fusedlm import reference
+from fusedlm import nn, reference
 from fusedlm.dispatch import BackendError, available_backends
+from fusedlm.model import GPT, GPTConfig, KVCache
 from fusedlm.ops import attention, layer_norm, layernorm_mlp, linear_cross_entropy, lm_head_softmax, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
+    "KVCache",
     "BackendError",
     "attention",
     "available_backends",
@@ -17,6 +21,7 @@ __all__ = [
     "layernorm_mlp",
     "linear_cross_entropy",
     "lm_head_softmax",
+    "nn",
     "reference",
     "sample",
 ]

@@ -244,8 +244,16 @@ def sample(x, weight, bias=None, *, temperature=1.0, top_k=None, top_p=None, gen
     return ids.reshape(x.shape[:-1])
 
 
-# The reference model lives in its own file (one thing per file); fusedlm.reference.GPT is the API.
-from fusedlm.reference_gpt import GPT, GPTConfig, KVCache  # noqa: E402
+# The model lives in its own file (python/fusedlm/model.py); its reference form is this module's API.
+from fusedlm import model as _model  # noqa: E402
+from fusedlm.model import GPTConfig, KVCache  # noqa: E402
+
+
+class GPT(_model.GPT):
+    """fusedlm.GPT with backend="reference": every layer on this module's ops, plain PyTorch; forward
+    returns the logits also when it computes the loss. Same modules and parameter names."""
+
+    BACKEND = "reference"
 
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "activate", "attention", "cross_entropy", "layer_norm",

@@ -1,16 +1,27 @@
-"""The reference GPT: nanoGPT's model in plain PyTorch, built from the reference ops.
+"""The GPT model: nanoGPT's model, built from fusedlm's ops, with one switch, `backend`.
+
+    fusedlm.GPT(config)                    backend="auto": the fused kernels (C++ on the CPU, the GPU
+                                           kernels on CUDA tensors), the loss by linear_cross_entropy
+    fusedlm.reference.GPT(config)          backend="reference": the same modules on fusedlm.reference,
+                                           plain PyTorch, the logits formed and then the cross-entropy
 
 Parameter names follow nanoGPT and Hugging Face's GPT-2 (transformer.wte, transformer.wpe,
 transformer.h[i].{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, transformer.ln_f,
-lm_head), so checkpoints and the patcher move between this model, fusedlm.GPT and GPT-2.
+lm_head), so state dicts move between the two models and GPT-2 checkpoints load (GPT.from_hf).
 
 One tensor's path through a block (pre-norm, x is the residual stream):
 
     x = x + c_proj(attention(split_heads(c_attn(ln_1(x))), causal=True))
     x = layernorm_mlp(x, ln_2, mlp.c_fc, mlp.c_proj, activation="gelu_tanh")   # x + mlp(ln_2(x))
 
-and after the last block logits = ln_f(x) @ wte^T (lm_head's weight is wte's). Every step is a
-call to a reference op, so the fused model mirrors this file op for op.
+and after the last block, with h = ln_f(x):
+
+    training (targets given):  loss = linear_cross_entropy(h, wte, targets)   (logits never formed)
+    otherwise:                 logits = h @ wte^T                             (lm_head's weight is wte's)
+
+Each step is one call of a public op (python/fusedlm/ops/<op>.py) with the model's backend; from
+there the dispatcher takes the tensor to its kernel. The modules are also fusedlm.nn's
+(CausalSelfAttention, LayerNorm; fusedlm.nn adds LayerNormMLP and LinearCrossEntropyLoss).
 """
 from __future__ import annotations
 
@@ -20,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fusedlm.reference import attention, cross_entropy, layer_norm, layernorm_mlp, sample
+from fusedlm import ops, reference
+from fusedlm.dispatch import BACKENDS
+from fusedlm.validation import check_choice
 
 
 @dataclass
@@ -59,61 +72,101 @@ class KVCache:
         return k, v
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT's), computed by reference.layer_norm."""
+def _check_backend(where: str, backend) -> str:
+    check_choice(where, "backend", backend, BACKENDS)
+    return backend
 
-    def __init__(self, n_embd: int, bias: bool, eps: float):
+
+class LayerNorm(nn.Module):
+    """LayerNorm (or RMSNorm) with an optional bias, by fusedlm.layer_norm.
+
+    forward(x) -> norm(x); forward(x, residual) -> (norm(x + residual), x + residual), the add fused.
+    """
+
+    def __init__(self, n_embd: int, bias: bool = True, eps: float = 1e-5, *, norm: str = "layernorm",
+                 backend: str = "auto"):
         super().__init__()
+        check_choice("LayerNorm", "norm", norm, reference.NORMS)
+        if norm == "rmsnorm" and bias:
+            raise ValueError("LayerNorm: norm='rmsnorm' has no bias; pass bias=False")
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
         self.eps = eps
+        self.norm = norm
+        self.backend = _check_backend("LayerNorm", backend)
 
-    def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, eps=self.eps)
+    def forward(self, x, residual=None):
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps, norm=self.norm, residual=residual,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, norm={self.norm!r}, eps={self.eps}, backend={self.backend!r}"
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """Multi-head causal self-attention: c_attn (the q, k, v projections in one Linear), fusedlm.attention,
+    c_proj. n_kv_head < n_head gives grouped-query attention (n_head % n_kv_head == 0): c_attn's output
+    is then [q (n_head heads) | k (n_kv_head) | v (n_kv_head)], and the kernels read each k, v head for
+    its group of query heads without repeating it.
+
+    forward(x (B, T, n_embd), kv_cache=None, layer=0) -> (B, T, n_embd). With a KVCache, this step's
+    keys and values are appended to layer `layer`'s and the T new queries attend to every cached
+    position and to the new ones up to themselves (causal masking aligned bottom-right).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = True, *, n_kv_head: int | None = None,
+                 backend: str = "auto"):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head != 0:
+            raise ValueError(f"CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"CausalSelfAttention: n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.backend = _check_backend("CausalSelfAttention", backend)
 
     def forward(self, x, kv_cache=None, layer=0):
         b, t, c = x.shape
-        # (B, T, 3C) -> three (B, H, T, C/H)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-                   for z in self.c_attn(x).split(c, dim=2))
+        widths = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        # (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k and v (B, Hkv, T, D): strided views, no copy
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in self.c_attn(x).split(widths, dim=2))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        # With a cache, Nq = t < Nk: bottom-right aligned causal masking lets each new
-        # token see every cached position and the new ones up to itself.
-        y = attention(q, k, v, causal=True)
+        y = ops.attention(q, k, v, causal=True, backend=self.backend)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
 
 
 class MLP(nn.Module):
     """The feed-forward weights, applied together with the block's ln_2 in one layernorm_mlp call."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, n_embd: int, n_hidden: int, bias: bool = True, *, activation: str = "gelu_tanh",
+                 recompute: bool = False, backend: str = "auto"):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        check_choice("MLP", "activation", activation, reference.ACTIVATIONS)
+        gated = activation in reference.GATED_ACTIVATIONS
+        self.c_fc = nn.Linear(n_embd, (2 if gated else 1) * n_hidden, bias=bias)
+        self.c_proj = nn.Linear(n_hidden, n_embd, bias=bias)
+        self.activation = activation
+        self.recompute = recompute
+        self.backend = _check_backend("MLP", backend)
 
     def forward(self, x, ln: LayerNorm, residual=True):
-        """(x +) c_proj(gelu_tanh(c_fc(ln(x))))."""
-        return layernorm_mlp(x, ln.weight, ln.bias, self.c_fc.weight, self.c_fc.bias,
-                             self.c_proj.weight, self.c_proj.bias, eps=ln.eps,
-                             activation="gelu_tanh", residual=residual)
+        """(x +) c_proj(act(c_fc(ln(x))))."""
+        return ops.layernorm_mlp(x, ln.weight, ln.bias, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
+                                 self.c_proj.bias, eps=ln.eps, norm=ln.norm, activation=self.activation,
+                                 residual=residual, recompute=self.recompute, backend=self.backend)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, backend: str):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
-        self.mlp = MLP(config)
+        d, bias, eps = config.n_embd, config.bias, config.layer_norm_eps
+        self.ln_1 = LayerNorm(d, bias, eps, backend=backend)
+        self.attn = CausalSelfAttention(d, config.n_head, bias, backend=backend)
+        self.ln_2 = LayerNorm(d, bias, eps, backend=backend)
+        self.mlp = MLP(d, 4 * d, bias, backend=backend)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -125,15 +178,24 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """GPT-2's architecture (pre-norm blocks, learned positions, tied output weights) on fusedlm's ops.
+
+    backend: the ops' backend for every layer ("auto", "cpu", "cuda", "triton", "reference"); None takes
+    the class's BACKEND ("auto" here, "reference" for fusedlm.reference.GPT).
+    """
+
+    BACKEND = "auto"
+
+    def __init__(self, config: GPTConfig, backend: str | None = None):
         super().__init__()
         self.config = config
+        self.backend = _check_backend("GPT", self.BACKEND if backend is None else backend)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps),
+            h=nn.ModuleList([Block(config, self.backend) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_eps, backend=self.backend),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied output weights
@@ -165,24 +227,29 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx: (B, T) int64 -> (logits (B, T, V), loss or None).
+        """idx: (B, T) int64 -> (logits (B, T, V) or None, loss or None).
 
-        targets: (B, T) int64, the next token of each position (-100 = ignore); the loss is
-        the mean cross entropy over the non-ignored positions. kv_cache: a KVCache, read and
-        extended; positions continue from its length. The reference always returns the logits;
-        fusedlm.GPT returns None for them when targets are given (its loss never forms them).
+        targets: (B, T) int64, the next token of each position (-100 = ignore); the loss is the mean
+        cross entropy over the non-ignored positions. With targets the kernel backends return logits
+        None: linear_cross_entropy takes the loss from the hidden states and wte without forming the
+        (B T, V) logits. The reference forms them (one GEMM serves both outputs) and returns both.
+        kv_cache: a KVCache, read and extended; positions continue from its length.
         """
         x = self.hidden_states(idx, kv_cache)
-        # One GEMM for both outputs: the loss is linear_cross_entropy(x, wte, targets) split
-        # at the logits, so the baseline does not pay for the output projection twice.
-        logits = self.lm_head(x)
-        loss = None if targets is None else cross_entropy(logits, targets, ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None
+        if self.backend == "reference":
+            logits = self.lm_head(x)
+            return logits, reference.cross_entropy(logits, targets, ignore_index=-100)
+        return None, ops.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-100,
+                                              backend=self.backend)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None, use_cache=True):
-        """Append max_new_tokens tokens to idx (B, T), each drawn by reference.sample.
+        """Append max_new_tokens tokens to idx (B, T), each drawn by fusedlm.sample (reference.sample
+        for the reference backend) from the last position's hidden state: the output projection and
+        softmax fused, temperature=0 greedy.
 
         use_cache=True runs the prompt once and then one token per step against a KVCache;
         every fed position needs a position embedding, so T + max_new_tokens - 1 must be
@@ -193,20 +260,21 @@ class GPT(nn.Module):
             raise ValueError(
                 f"GPT.generate: prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} - 1 "
                 f"exceeds block_size {limit} with use_cache=True; use use_cache=False to crop the context")
+        draw = reference.sample if self.backend == "reference" else ops.sample
         kv_cache = KVCache(self.config.n_layer) if use_cache else None
         step_input = idx
         for _ in range(max_new_tokens):
             if not use_cache:
                 step_input = idx[:, -limit:]
             x = self.hidden_states(step_input, kv_cache)[:, -1]
-            next_id = sample(x, self.lm_head.weight, temperature=temperature, top_k=top_k,
-                             top_p=top_p, generator=generator)
+            next_id = draw(x, self.lm_head.weight, temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=generator)
             step_input = next_id.unsqueeze(1)
             idx = torch.cat([idx, step_input], dim=1)
         return idx
 
     @classmethod
-    def from_hf(cls, hf_model):
+    def from_hf(cls, hf_model, backend: str | None = None):
         """A GPT with the weights of a transformers GPT2LMHeadModel (same dtype and device).
 
         GPT-2's Conv1D stores weights as (in, out); nn.Linear as (out, in): they are transposed.
@@ -229,7 +297,7 @@ class GPT(nn.Module):
                            n_embd=hc.n_embd, block_size=hc.n_positions, bias=True, dropout=0.0,
                            layer_norm_eps=hc.layer_norm_epsilon)
         ref = src.wte.weight
-        model = cls(config).to(device=ref.device, dtype=ref.dtype)
+        model = cls(config, backend).to(device=ref.device, dtype=ref.dtype)
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         hf_state = hf_model.state_dict()
         with torch.no_grad():
