@@ -1,6 +1,6 @@
 """fusedlm's benchmark suite, installed as `fusedlm.benchmarks`; run it with `fusedlm bench`.
 
-One module per op (layer_norm.py, ...), one harness (harness.py: timing, memory, rows), one
+One module per op (layer_norm.py, ...) and one for the whole model (gpt.py), one harness (harness.py: timing, memory, rows), one
 runner (run.py: presets, markdown, JSON, plots). An op module provides:
 
     OP, TITLE                      the op's name and the heading of its table
@@ -19,7 +19,7 @@ runner (run.py: presets, markdown, JSON, plots). An op module provides:
 """
 import importlib
 
-OPS = ("layer_norm", "attention", "layernorm_mlp", "softmax_output", "lm_head")
+OPS = ("layer_norm", "attention", "layernorm_mlp", "softmax_output", "lm_head", "gpt")
 
 
 def load_op(op: str):

@@ -66,6 +66,24 @@ def test_failing_provider_is_reported_not_fatal(monkeypatch):
     assert all(r.median_ms is not None for r in rows if r.provider == "F.layer_norm")
 
 
+def test_gpt_benchmark_runs_the_fused_and_reference_models(monkeypatch):
+    """The whole-model benchmark on a tiny GPT: the fused model and the reference start from one set
+    of weights (their losses agree), and the parameters' gradients are reset between reps."""
+    from fusedlm.benchmarks import gpt as gpt_bench
+
+    full = gpt_bench.providers
+    monkeypatch.setattr(gpt_bench, "providers", lambda case: [p for p in full(case) if p.kind != "compile"])
+    case = harness.Case("gpt", "gpt2", (2, 16, 1, 32, 2, 97), "float32", "cpu")
+    inputs = gpt_bench.make_inputs(case)
+    params = [t for k, t in inputs.tensors.items() if k.startswith("model:fusedlm[cpu].")]
+    assert params and all(p.requires_grad for p in params) and set(params) <= set(inputs.leaves())
+    rows, skipped = harness.run_case(gpt_bench, case, modes=gpt_bench.MODES, reps=2, warmup=1, memory=False)
+    assert {r.provider for r in rows} == {"fusedlm[cpu]", "reference"}
+    assert all(r.error == "" and r.median_ms > 0 for r in rows), [r.error for r in rows]
+    assert all(r.max_abs_diff < harness.CHECK_TOL["float32"] for r in rows)
+    assert [name for name, _ in skipped] == ["fusedlm[triton]"]
+
+
 def test_cpu_peak_memory_measures_the_output():
     """F.layer_norm's forward makes y (4 MiB here) and 8 bytes of statistics per row; the child-process
     high-water mark must see that, and not the parent's memory."""
