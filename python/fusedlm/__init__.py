@@ -7,6 +7,7 @@ from fusedlm import nn, reference
 from fusedlm.dispatch import BackendError, available_backends
 from fusedlm.model import GPT, GPTConfig, KVCache
 from fusedlm.ops import attention, layer_norm, layernorm_mlp, linear_cross_entropy, lm_head_softmax, sample
+from fusedlm.patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "KVCache",
+    "PatchReport",
     "BackendError",
     "attention",
     "available_backends",
@@ -22,6 +24,8 @@ __all__ = [
     "linear_cross_entropy",
     "lm_head_softmax",
     "nn",
+    "patch",
     "reference",
     "sample",
+    "unpatch",
 ]

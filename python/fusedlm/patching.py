@@ -1,0 +1,189 @@
+"""fusedlm.patch(model) / fusedlm.unpatch(model): the fused kernels in an existing model, in place.
+
+    report = fusedlm.patch(model)      # what was swapped, by kind
+    fusedlm.unpatch(model)             # everything back as it was
+
+fusedlm.GPT / fusedlm.reference.GPT (python/fusedlm/model.py): every module's backend becomes "auto",
+so the whole model runs fused: attention, layer_norm, layernorm_mlp (ln_2 + MLP + residual) and the
+loss by linear_cross_entropy (the model then returns logits None with targets, as fusedlm.GPT does).
+
+Hugging Face transformers models whose attention goes through transformers' AttentionInterface
+(GPT-2, Llama, Mistral, Qwen2 and most decoder models of transformers >= 4.48):
+  - attention: the model's attention implementation becomes "fusedlm", registered once with
+    AttentionInterface (and, for its masks, with sdpa's mask builder). `hf_attention` runs
+    fusedlm.attention when no mask is needed (causal prefill without padding, decoding against the
+    cache) and the tensors suit a kernel; otherwise (a padding mask, dropout in training, fp16 on the
+    CPU, ...) transformers' own sdpa attention, unchanged. GQA heads are read without repeating k, v.
+  - norms: torch.nn.LayerNorm modules, and the RMSNorm of Llama, Mistral and Qwen2 (weight * x / rms(x)),
+    get a forward by fusedlm.layer_norm; a call the kernel cannot take (weight and x in different
+    dtypes, no affine weight, ...) runs the module's own forward.
+  Not fused in them: the MLP (layernorm_mlp fuses the norm, the MLP and the residual add, which
+  live in the decoder layer's forward) and the loss (the model's forward forms the logits).
+
+unpatch restores the attention implementation, removes the norms' forwards and the modules' backends.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fusedlm import dispatch, model as gpt_model
+from fusedlm.nn.functional import _kernel_takes
+from fusedlm.ops import attention, layer_norm
+
+ATTENTION_NAME = "fusedlm"
+# RMSNorm classes whose forward is weight * (x / sqrt(mean(x^2) + variance_epsilon)), computed in float32
+# and rounded to x's dtype before the weight: fusedlm.layer_norm(norm="rmsnorm") up to that rounding.
+# (Gemma's RMSNorm scales by 1 + weight: not this formula, so not listed.)
+RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_STATE = "_fusedlm_patch"
+
+
+@dataclass
+class PatchReport:
+    """What patch() swapped: counts by kind, and notes on what it left alone."""
+    kind: str                      # "fusedlm.GPT" or "transformers"
+    attention: int = 0             # attention layers now on fusedlm.attention (where it applies)
+    layer_norm: int = 0            # LayerNorm modules
+    rms_norm: int = 0              # RMSNorm modules
+    layernorm_mlp: int = 0         # norm + MLP + residual sub-blocks (fusedlm.GPT only)
+    loss: bool = False             # linear_cross_entropy for the loss (fusedlm.GPT only)
+    notes: list = field(default_factory=list)
+
+
+# --- transformers' attention interface ------------------------------------------------------
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                 position_bias=None, **kwargs):
+    """An attention function for transformers' AttentionInterface (sdpa's signature and result:
+    query (B, Hq, Nq, D), key and value (B, Hkv, Nk, D) -> ((B, Nq, Hq, D), None)).
+
+    fusedlm.attention where no mask is needed; transformers' sdpa_attention_forward otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = causal and q_len > 1 and attention_mask is None
+    plain = (attention_mask is None and position_bias is None and dropout == 0.0
+             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False))
+    if plain:
+        k, v = key, value
+        if causal and key.shape[2] > q_len:
+            # As transformers' sdpa does: a prefill into an empty static cache, whose slots past q_len
+            # hold nothing yet (torch's causal mask is aligned top-left; fusedlm's bottom-right)
+            k, v = key[:, :, :q_len], value[:, :, :q_len]
+        if _kernel_takes(query, k, v, None, 0.0, causal, scaling, True):
+            return attention(query, k, v, causal=causal, scale=scaling).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, position_bias=position_bias, **kwargs)
+
+
+def _register_hf_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, hf_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+# --- norms ----------------------------------------------------------------------------------
+
+def _norm_kernel_takes(x, weight, eps) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device
+            and x.dim() >= 1 and x.numel() > 0 and weight.shape == (x.shape[-1],)
+            and 1.1754943508222875e-38 <= eps <= 3.4028234663852886e38
+            and dispatch.resolve("layer_norm", "auto", x.device, native_op="layer_norm_fwd", triton=True,
+                                 dtype=x.dtype) != "reference")
+
+
+def _layer_norm_forward(self, x):
+    bias_ok = self.bias is None or (self.bias.dtype == x.dtype and self.bias.device == x.device)
+    if bias_ok and len(self.normalized_shape) == 1 and _norm_kernel_takes(x, self.weight, self.eps):
+        return layer_norm(x, self.weight, self.bias, eps=self.eps)
+    return type(self).forward(self, x)
+
+
+def _rms_norm_forward(self, x):
+    if _norm_kernel_takes(x, self.weight, self.variance_epsilon):
+        return layer_norm(x, self.weight, None, eps=self.variance_epsilon, norm="rmsnorm")
+    return type(self).forward(self, x)
+
+
+def _norm_forward(module):
+    """The fused forward for this module, or None when it is no norm patch() knows."""
+    if type(module) is nn.LayerNorm:
+        return _layer_norm_forward, "layer_norm"
+    if type(module).__name__ in RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
+        return _rms_norm_forward, "rms_norm"
+    return None, None
+
+
+# --- patch / unpatch ------------------------------------------------------------------------
+
+def _is_transformers_model(model) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Swap fusedlm's kernels into `model` in place; returns what was swapped (see the module docstring).
+    Raises TypeError for a model it does not know, ValueError when it is already patched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, _STATE):
+        raise ValueError("patch: this model is already patched; call fusedlm.unpatch(model) first")
+    if isinstance(model, gpt_model.GPT):
+        return _patch_gpt(model)
+    if _is_transformers_model(model):
+        return _patch_transformers(model)
+    raise TypeError(f"patch: {type(model).__name__} is neither a fusedlm GPT nor a transformers PreTrainedModel")
+
+
+def _patch_gpt(model) -> PatchReport:
+    previous = {m: m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str)}
+    for m in previous:
+        m.backend = "auto"
+    blocks = len(model.transformer.h)
+    object.__setattr__(model, _STATE, {"backends": previous})
+    return PatchReport("fusedlm.GPT", attention=blocks, layer_norm=blocks + 1, layernorm_mlp=blocks, loss=True)
+
+
+def _patch_transformers(model) -> PatchReport:
+    report = PatchReport("transformers")
+    state = {"norms": []}
+    if hasattr(model, "set_attn_implementation"):
+        _register_hf_attention()
+        state["attn_implementation"] = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+        report.attention = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention")
+                               and hasattr(m, "config"))
+    else:
+        report.notes.append("attention not patched: this transformers release has no set_attn_implementation "
+                            "(transformers >= 4.48 routes attention through AttentionInterface)")
+    for m in model.modules():
+        forward, kind = _norm_forward(m)
+        if forward is not None:
+            m.forward = types.MethodType(forward, m)
+            state["norms"].append(m)
+            setattr(report, kind, getattr(report, kind) + 1)
+    report.notes.append("not fused: the MLP (its norm and residual add live in the decoder layer) and the loss "
+                        "(the model's forward forms the logits)")
+    object.__setattr__(model, _STATE, state)
+    return report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo patch(model). Raises ValueError when the model is not patched."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("unpatch: this model is not patched")
+    for m, backend in state.get("backends", {}).items():
+        m.backend = backend
+    for m in state.get("norms", ()):
+        del m.forward  # the instance attribute; the class's forward shows again
+    if "attn_implementation" in state:
+        model.set_attn_implementation(state["attn_implementation"])
+    object.__delattr__(model, _STATE)
