@@ -71,12 +71,12 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   stage t_attention 200 bash -c 'gpu_tests tests/test_attention.py tests/test_attention_cuda.py' &
   stage t_layernorm_mlp 150 bash -c 'gpu_tests tests/test_layernorm_mlp.py tests/test_layernorm_mlp_triton.py' &
   stage t_softmax_output 150 bash -c 'gpu_tests tests/test_softmax_output.py tests/test_lm_head.py' &
-  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py' &
+  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py tests/test_model.py' &
   wait
   export FUSEDLM_LOG_TUNING=1  # the Triton attention forward prints the tile its tuner keeps per shape class
-  for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm}; do
+  for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm gpt}; do
     "$PY" -c "import sys; from fusedlm.benchmarks import OPS; sys.exit(sys.argv[1] not in OPS)" "$op" || continue
-    case $op in attention) box=70;; layernorm_mlp) box=60;; softmax_output) box=80;; *) box=40;; esac
+    case $op in attention) box=70;; layernorm_mlp|gpt) box=60;; softmax_output) box=80;; *) box=40;; esac
     stage "bench_$op" "$box" "$PY" -m fusedlm bench --device cuda --ops "$op" --dtypes bfloat16 --repeats 30 --no-plots \
       --skip "${GPU_CHECK_SKIP-compile,SDPA[math]}" --out "$OUT/bench"
   done

@@ -19,8 +19,8 @@ VOCAB, BLOCK = 97, 48
 
 
 def small_config(**kw):
-    # head_dim 16: the smallest head dim every attention kernel takes (Triton's tl.dot)
-    return fusedlm.GPTConfig(**{**dict(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, block_size=BLOCK), **kw})
+    # head_dim 64: one the CUDA attention kernels specialise (they take 64, 80, 96, 128)
+    return fusedlm.GPTConfig(**{**dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=128, block_size=BLOCK), **kw})
 
 
 def models(config, backend, dtype, device):
@@ -60,10 +60,12 @@ def test_loss_and_gradients_match_reference(backend, dtype):
         loss.backward()
         results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
         assert (logits is None) == (name == "fused")  # the fused loss never forms the logits
-    assert_within_budget(results["fused"][0].float(), results["ref64"][0], results["ref"][0].float(), name="loss")
+    # Floors of the model's dtype, scaled to each value's magnitude (the loss is about 4.6; most gradients
+    # are far below 1, where an absolute bf16 floor of 1.6e-2 would exceed them whole).
+    loss64 = results["ref64"][0]
+    assert_within_budget(results["fused"][0].float(), loss64, results["ref"][0].float(), name="loss",
+                         atol=ATOL[dtype] * loss64.abs().item())
     for n, g64 in results["ref64"][1].items():
-        # The floor scaled to each gradient's magnitude (most are far below 1: an absolute bf16 floor
-        # of 1.6e-2 would exceed them whole).
         assert_within_budget(results["fused"][1][n], g64, results["ref"][1][n], name=f"grad {n}",
                              atol=ATOL[dtype] * g64.abs().max().item())
 

@@ -49,27 +49,43 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each (B, H, N, D).
+    """Keys and values of the tokens seen so far, per layer, each (B, H, N, D).
 
-    Grown by concatenation: clear rather than fast, which is what a reference is for.
+    Each layer's k and v live in buffers of room for `capacity` positions that double when full, so
+    a generation of N tokens copies O(N) positions rather than the O(N^2) of concatenating every
+    step; update returns views of the filled part (strided along N, which the attention kernels read
+    without a copy). Under autograd with inputs that need gradients it concatenates instead.
     """
 
     def __init__(self, n_layer: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.lengths = [0] * n_layer
 
     def __len__(self) -> int:
         """The number of cached positions (the position of the next token)."""
-        first = self.layers[0]
-        return 0 if first is None else first[0].shape[2]
+        return self.lengths[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this step's k, v to layer's cache; return the keys and values of all positions."""
-        cached = self.layers[layer]
-        if cached is not None:
-            k = torch.cat([cached[0], k], dim=2)
-            v = torch.cat([cached[1], v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        n, new = self.lengths[layer], k.shape[2]
+        buffers = self.layers[layer]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # differentiable: concatenate (writing into buffers in place would overwrite saved tensors)
+            if buffers is not None:
+                k, v = torch.cat([buffers[0][:, :, :n], k], dim=2), torch.cat([buffers[1][:, :, :n], v], dim=2)
+            self.layers[layer], self.lengths[layer] = (k, v), n + new
+            return k, v
+        if buffers is None or n + new > buffers[0].shape[2]:
+            capacity = max(2 * (n + new), 16)
+            grown = tuple(t.new_empty(t.shape[:2] + (capacity, t.shape[3])) for t in (k, v))
+            if buffers is not None:
+                for old, buf in zip(buffers, grown):
+                    buf[:, :, :n].copy_(old[:, :, :n])
+            buffers = self.layers[layer] = grown
+        buffers[0][:, :, n:n + new].copy_(k)
+        buffers[1][:, :, n:n + new].copy_(v)
+        self.lengths[layer] = n + new
+        return buffers[0][:, :, :n + new], buffers[1][:, :, :n + new]
 
 
 def _check_backend(where: str, backend) -> str:
