@@ -133,6 +133,10 @@ def test_from_hf_matches_reference():
     ref64 = reference.GPT.from_hf(hf.double())
     ref = reference.GPT.from_hf(hf.float())
     assert fused.backend == "auto" and fusedlm.GPT.from_hf(hf.float(), backend="reference").backend == "reference"
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="takes a transformers GPT2LMHeadModel, got a LlamaForCausalLM"):
+        fusedlm.GPT.from_hf(llama)
     idx, targets = batch("cpu")
     with torch.no_grad():
         losses = [m(idx, targets)[1] for m in (fused, ref, ref64)]
@@ -231,6 +235,41 @@ def test_module_arguments_are_checked():
         fusedlm.nn.LayerNormMLP(16, activation="tanh")
     with pytest.raises(ValueError, match="LayerNorm: backend"):
         fusedlm.nn.LayerNorm(16, backend="gpu")
+    with pytest.raises(ValueError, match="n_head must be a positive integer, got 0"):
+        fusedlm.nn.CausalSelfAttention(64, 0)
+    with pytest.raises(ValueError, match="n_kv_head must be a positive integer, got 0"):
+        fusedlm.nn.CausalSelfAttention(64, 8, n_kv_head=0)
+    with pytest.raises(ValueError, match="x must be 3-D \\(B, T, n_embd\\), got shape \\(5, 64\\)"):
+        fusedlm.nn.CausalSelfAttention(64, 8)(torch.randn(5, 64))
+
+
+def test_kv_cache_and_generate_arguments_are_checked():
+    with pytest.raises(ValueError, match="KVCache: n_layer must be a positive integer"):
+        fusedlm.KVCache(0)
+    cache = fusedlm.KVCache(2)
+    k = torch.randn(2, 4, 3, 8)
+    with pytest.raises(ValueError, match="layer 2 out of range for a cache of 2 layers"):
+        cache.update(2, k, k)
+    with torch.no_grad():
+        cache.update(0, k, k)
+        with pytest.raises(ValueError, match="a new batch needs a new cache"):
+            cache.update(0, k[:1], k[:1])
+    assert len(cache) == 3  # the refused update left the cache as it was
+    model = fusedlm.GPT(small_config())
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative integer, got -3"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), -3)
+
+
+def test_kv_cache_under_autograd_concatenates():
+    """With gradients enabled (even when only the queries need them) the cache never writes into tensors
+    that attention saved for backward."""
+    fused, _, _ = models(small_config(), "cpu", torch.float32, "cpu")
+    idx, _ = batch("cpu", t=12)
+    cache = fusedlm.KVCache(fused.config.n_layer)
+    logits = torch.cat([fused(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 12))], dim=1)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+    torch.testing.assert_close(logits.detach(), fused(idx)[0].detach(), rtol=1e-5, atol=1e-5)
 
 
 # --- fusedlm.nn.functional.scaled_dot_product_attention ------------------------------------

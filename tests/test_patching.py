@@ -4,6 +4,9 @@ A patched model's outputs and gradients stay within the error budget of the unpa
 against the unpatched model in float64), the fused kernels really run (calls counted), cases a
 kernel cannot take fall back to the model's own code, and unpatch restores the model exactly.
 """
+import copy
+import pickle
+
 import pytest
 import torch
 from harness import assert_within_budget
@@ -157,3 +160,80 @@ def test_norm_the_kernel_cannot_take_runs_the_module_forward(counted):
     x = torch.randn(3, 64)
     torch.testing.assert_close(ln(x), torch.nn.LayerNorm.forward(ln, x))
     assert counted["layer_norm"] == 1
+
+
+def test_other_model_types_keep_their_attention(counted):
+    """A model type outside HF_ATTENTION_MODELS (some branch on the name "sdpa" or cannot run sdpa):
+    its attention is left alone, said in the report; its LayerNorms are fused."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)).eval()
+    idx = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        expected = model(idx).last_hidden_state
+        implementation = model.config._attn_implementation
+        report = fusedlm.patch(model)
+        got = model(idx).last_hidden_state
+    assert report.attention == 0 and any("model type 'bert'" in n for n in report.notes)
+    assert model.config._attn_implementation == implementation
+    assert report.layer_norm == 5 and counted["layer_norm"] == 5 and counted["attention"] == 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_config_is_patched_once():
+    a = hf_model("llama")
+    b = type(a)(a.config).eval()  # one config object, as from_pretrained twice with one config
+    report_a = fusedlm.patch(a)
+    assert report_a.attention == 2 and b.config._attn_implementation == patching.ATTENTION_NAME
+    report_b = fusedlm.patch(b)  # b's config already says "fusedlm": nothing to record or restore
+    assert report_b.attention == 0 and any("shared with a patched model" in n for n in report_b.notes)
+    fusedlm.unpatch(b)
+    fusedlm.unpatch(a)
+    assert a.config._attn_implementation == "sdpa"
+
+
+def test_patched_model_pickles_and_copies():
+    model = hf_model("gpt2")
+    idx = torch.randint(0, VOCAB, (1, 9))
+    fusedlm.patch(model)
+    with torch.no_grad():
+        expected = model(idx).logits
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert clone.transformer.ln_f.forward.args[0] is clone.transformer.ln_f  # bound to the copy
+            assert torch.equal(clone(idx).logits, expected)
+            fusedlm.unpatch(clone)
+    assert "forward" in vars(model.transformer.ln_f)  # the original is still patched
+
+
+def test_an_instance_forward_is_kept_and_restored(counted):
+    """An instance forward already on a norm (as accelerate's offloading hooks install) serves the calls
+    the kernel cannot take while patched, and is back in place after unpatch."""
+    model = hf_model("gpt2")
+    ln = model.transformer.ln_f
+    hook_calls = []
+
+    def hook(x):
+        hook_calls.append(1)
+        return torch.nn.LayerNorm.forward(ln, x)
+    ln.forward = hook
+    fusedlm.patch(model)
+    ln(torch.randn(2, 64))  # the kernel takes it
+    assert counted["layer_norm"] == 1 and hook_calls == []
+    ln.double()
+    ln(torch.randn(2, 64, dtype=torch.float64))  # float64: the previous forward, the hook
+    assert hook_calls == [1]
+    fusedlm.unpatch(model)
+    assert vars(ln)["forward"] is hook
+
+
+def test_nested_patching_is_refused():
+    model = hf_model("gpt2")
+    fusedlm.patch(model)
+    with pytest.raises(ValueError, match="a module of it, is already patched"):
+        fusedlm.patch(model.transformer)
+    fusedlm.unpatch(model)
+    fusedlm.patch(model.transformer)
+    with pytest.raises(ValueError, match="a module of it, is already patched"):
+        fusedlm.patch(model)
+    fusedlm.unpatch(model.transformer)

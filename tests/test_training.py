@@ -45,7 +45,19 @@ def test_train_and_generate_refuse_bad_inputs(tmp_path):
     short.write_text("too short")
     with pytest.raises(SystemExit, match="too few for --seq-len 32"):
         main(["train", "--data", str(short), "--out", str(tmp_path / "x.pt"), *TINY])
-    other = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(SystemExit, match="is no `fusedlm train` checkpoint"):
-        main(["generate", "--checkpoint", str(other), "--prompt", "a"])
+    for saved in ({"weights": torch.zeros(2)}, [1, 2]):
+        other = tmp_path / "other.pt"
+        torch.save(saved, other)
+        with pytest.raises(SystemExit, match="is no `fusedlm train` checkpoint"):
+            main(["generate", "--checkpoint", str(other), "--prompt", "a"])
+    with pytest.raises(SystemExit, match="--checkpoint .*missing.pt: no such file"):
+        main(["generate", "--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "a"])
+    with pytest.raises(SystemExit, match="--data .*missing.txt: no such file"):
+        main(["train", "--data", str(tmp_path / "missing.txt")])
+    for option, value, message in (("--steps", "0", "--steps must be > 0"), ("--batch", "0", "--batch must be > 0"),
+                                   ("--eval-every", "0", "--eval-every must be > 0"),
+                                   ("--n-head", "3", "--n-embd 32 must be a multiple of --n-head 3")):
+        with pytest.raises(SystemExit, match=message):
+            main(["train", "--out", str(tmp_path / "x.pt"), *TINY, option, value])
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 0"):
+        main(["generate", "--checkpoint", str(other), "--prompt", "a", "--max-new-tokens", "-1"])

@@ -54,10 +54,12 @@ class KVCache:
     Each layer's k and v live in buffers of room for `capacity` positions that double when full, so
     a generation of N tokens copies O(N) positions rather than the O(N^2) of concatenating every
     step; update returns views of the filled part (strided along N, which the attention kernels read
-    without a copy). Under autograd with inputs that need gradients it concatenates instead.
+    without a copy). With gradients enabled it concatenates instead (generate runs without them).
     """
 
     def __init__(self, n_layer: int):
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+            raise ValueError(f"KVCache: n_layer must be a positive integer, got {n_layer!r}")
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
         self.lengths = [0] * n_layer
 
@@ -67,10 +69,19 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this step's k, v to layer's cache; return the keys and values of all positions."""
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"KVCache: layer {layer} out of range for a cache of {len(self.layers)} layers")
         n, new = self.lengths[layer], k.shape[2]
         buffers = self.layers[layer]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # differentiable: concatenate (writing into buffers in place would overwrite saved tensors)
+        if buffers is not None:
+            b = buffers[0]
+            if k.shape[:2] != b.shape[:2] or k.shape[3] != b.shape[3] or k.dtype != b.dtype or k.device != b.device:
+                raise ValueError(f"KVCache: layer {layer} holds (B, H, D) = ({b.shape[0]}, {b.shape[1]}, {b.shape[3]}) "
+                                 f"{b.dtype} on {b.device}; got k of shape {tuple(k.shape)} {k.dtype} on {k.device} "
+                                 "(a new batch needs a new cache)")
+        if torch.is_grad_enabled():
+            # Under autograd concatenate: attention saves the k, v it reads, which later writes into the
+            # buffers would overwrite (even when only q needs a gradient).
             if buffers is not None:
                 k, v = torch.cat([buffers[0][:, :, :n], k], dim=2), torch.cat([buffers[1][:, :, :n], v], dim=2)
             self.layers[layer], self.lengths[layer] = (k, v), n + new
@@ -134,6 +145,9 @@ class CausalSelfAttention(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
+        for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_kv_head", n_kv_head)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CausalSelfAttention: {name} must be a positive integer, got {value!r}")
         if n_embd % n_head != 0:
             raise ValueError(f"CausalSelfAttention: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
         if n_head % n_kv_head != 0:
@@ -144,6 +158,8 @@ class CausalSelfAttention(nn.Module):
         self.backend = _check_backend("CausalSelfAttention", backend)
 
     def forward(self, x, kv_cache=None, layer=0):
+        if x.dim() != 3:
+            raise ValueError(f"CausalSelfAttention: x must be 3-D (B, T, n_embd), got shape {tuple(x.shape)}")
         b, t, c = x.shape
         widths = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
         # (B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k and v (B, Hkv, T, D): strided views, no copy
@@ -271,6 +287,8 @@ class GPT(nn.Module):
         every fed position needs a position embedding, so T + max_new_tokens - 1 must be
         <= block_size. use_cache=False reruns the whole (cropped to block_size) context each step.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"GPT.generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         limit = self.config.block_size
         if use_cache and idx.shape[1] + max_new_tokens - 1 > limit:
             raise ValueError(
@@ -296,6 +314,10 @@ class GPT(nn.Module):
         GPT-2's Conv1D stores weights as (in, out); nn.Linear as (out, in): they are transposed.
         """
         hc = hf_model.config
+        if getattr(hc, "model_type", None) != "gpt2":
+            raise ValueError(f"GPT.from_hf: takes a transformers GPT2LMHeadModel, got a {type(hf_model).__name__} "
+                             f"(model type {getattr(hc, 'model_type', None)!r}); fusedlm.patch(model) fuses other "
+                             "models in place")
         act = getattr(hc, "activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT.from_hf: activation_function must be a tanh GELU "

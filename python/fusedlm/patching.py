@@ -7,24 +7,29 @@ fusedlm.GPT / fusedlm.reference.GPT (python/fusedlm/model.py): every module's ba
 so the whole model runs fused: attention, layer_norm, layernorm_mlp (ln_2 + MLP + residual) and the
 loss by linear_cross_entropy (the model then returns logits None with targets, as fusedlm.GPT does).
 
-Hugging Face transformers models whose attention goes through transformers' AttentionInterface
-(GPT-2, Llama, Mistral, Qwen2 and most decoder models of transformers >= 4.48):
-  - attention: the model's attention implementation becomes "fusedlm", registered once with
+Hugging Face transformers models (>= 4.48, which route attention through AttentionInterface):
+  - attention, for the model types of HF_ATTENTION_MODELS (GPT-2 and the Llama family) running
+    transformers' "sdpa" attention: the implementation becomes "fusedlm", registered once with
     AttentionInterface (and, for its masks, with sdpa's mask builder). `hf_attention` runs
     fusedlm.attention when no mask is needed (causal prefill without padding, decoding against the
-    cache) and the tensors suit a kernel; otherwise (a padding mask, dropout in training, fp16 on the
-    CPU, ...) transformers' own sdpa attention, unchanged. GQA heads are read without repeating k, v.
+    cache) and the tensors suit a kernel; otherwise (a padding mask, a sliding window, dropout in
+    training, fp16 on the CPU, ...) transformers' own sdpa attention, unchanged. GQA heads are read
+    without repeating k, v. Other model types keep their attention (some branch on the name "sdpa",
+    some cannot run sdpa at all: attention sinks, logit softcapping); the report says so.
   - norms: torch.nn.LayerNorm modules, and the RMSNorm of Llama, Mistral and Qwen2 (weight * x / rms(x)),
     get a forward by fusedlm.layer_norm; a call the kernel cannot take (weight and x in different
-    dtypes, no affine weight, ...) runs the module's own forward.
+    dtypes, no affine weight, ...) runs the module's previous forward (an instance forward that was
+    there, e.g. an offloading hook, or the class's).
   Not fused in them: the MLP (layernorm_mlp fuses the norm, the MLP and the residual add, which
   live in the decoder layer's forward) and the loss (the model's forward forms the logits).
 
-unpatch restores the attention implementation, removes the norms' forwards and the modules' backends.
+unpatch restores the attention implementation, the norms' previous forwards and the modules' backends.
+A model, or a module of it, is patched once: patching again, or patching a part of a patched model
+(or a model containing a patched part), is an error.
 """
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +40,9 @@ from fusedlm.nn.functional import _kernel_takes
 from fusedlm.ops import attention, layer_norm
 
 ATTENTION_NAME = "fusedlm"
+# transformers model types whose attention patch() swaps: their modeling code calls the attention
+# interface with sdpa's arguments and never branches on the implementation's name.
+HF_ATTENTION_MODELS = ("gpt2", "llama", "mistral", "qwen2")
 # RMSNorm classes whose forward is weight * (x / sqrt(mean(x^2) + variance_epsilon)), computed in float32
 # and rounded to x's dtype before the weight: fusedlm.layer_norm(norm="rmsnorm") up to that rounding.
 # (Gemma's RMSNorm scales by 1 + weight: not this formula, so not listed.)
@@ -67,7 +75,7 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     q_len = query.shape[2]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     causal = causal and q_len > 1 and attention_mask is None
-    plain = (attention_mask is None and position_bias is None and dropout == 0.0
+    plain = (attention_mask is None and position_bias is None and dropout == 0.0 and kwargs.get("s_aux") is None
              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False))
     if plain:
         k, v = key, value
@@ -99,17 +107,25 @@ def _norm_kernel_takes(x, weight, eps) -> bool:
                                  dtype=x.dtype) != "reference")
 
 
-def _layer_norm_forward(self, x):
-    bias_ok = self.bias is None or (self.bias.dtype == x.dtype and self.bias.device == x.device)
-    if bias_ok and len(self.normalized_shape) == 1 and _norm_kernel_takes(x, self.weight, self.eps):
-        return layer_norm(x, self.weight, self.bias, eps=self.eps)
-    return type(self).forward(self, x)
+def _fallback(module, previous, x):
+    return previous(x) if previous is not None else type(module).forward(module, x)
 
 
-def _rms_norm_forward(self, x):
-    if _norm_kernel_takes(x, self.weight, self.variance_epsilon):
-        return layer_norm(x, self.weight, None, eps=self.variance_epsilon, norm="rmsnorm")
-    return type(self).forward(self, x)
+def _layer_norm_forward(module, previous, x):
+    """nn.LayerNorm's forward by fusedlm.layer_norm (bound with functools.partial, which pickles)."""
+    bias_ok = module.bias is None or (module.bias.dtype == x.dtype and module.bias.device == x.device)
+    if bias_ok and len(module.normalized_shape) == 1 and _norm_kernel_takes(x, module.weight, module.eps):
+        return layer_norm(x, module.weight, module.bias, eps=module.eps)
+    return _fallback(module, previous, x)
+
+
+def _rms_norm_forward(module, previous, x):
+    if _norm_kernel_takes(x, module.weight, module.variance_epsilon):
+        return layer_norm(x, module.weight, None, eps=module.variance_epsilon, norm="rmsnorm")
+    return _fallback(module, previous, x)
+
+
+_FUSED_FORWARDS = (_layer_norm_forward, _rms_norm_forward)
 
 
 def _norm_forward(module):
@@ -119,6 +135,11 @@ def _norm_forward(module):
     if type(module).__name__ in RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
         return _rms_norm_forward, "rms_norm"
     return None, None
+
+
+def _has_fused_forward(module) -> bool:
+    forward = vars(module).get("forward")
+    return isinstance(forward, functools.partial) and forward.func in _FUSED_FORWARDS
 
 
 # --- patch / unpatch ------------------------------------------------------------------------
@@ -133,8 +154,9 @@ def patch(model: nn.Module) -> PatchReport:
     Raises TypeError for a model it does not know, ValueError when it is already patched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, _STATE):
-        raise ValueError("patch: this model is already patched; call fusedlm.unpatch(model) first")
+    if any(hasattr(m, _STATE) or _has_fused_forward(m) for m in model.modules()):
+        raise ValueError("patch: this model, or a module of it, is already patched; call fusedlm.unpatch on "
+                         "what was patched first")
     if isinstance(model, gpt_model.GPT):
         return _patch_gpt(model)
     if _is_transformers_model(model):
@@ -154,20 +176,28 @@ def _patch_gpt(model) -> PatchReport:
 def _patch_transformers(model) -> PatchReport:
     report = PatchReport("transformers")
     state = {"norms": []}
-    if hasattr(model, "set_attn_implementation"):
-        _register_hf_attention()
-        state["attn_implementation"] = model.config._attn_implementation
-        model.set_attn_implementation(ATTENTION_NAME)
-        report.attention = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention")
-                               and hasattr(m, "config"))
-    else:
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    current = getattr(config, "_attn_implementation", None)
+    if not hasattr(model, "set_attn_implementation"):
         report.notes.append("attention not patched: this transformers release has no set_attn_implementation "
                             "(transformers >= 4.48 routes attention through AttentionInterface)")
+    elif model_type not in HF_ATTENTION_MODELS:
+        report.notes.append(f"attention not patched: model type {model_type!r} is not one of {HF_ATTENTION_MODELS}")
+    elif current != "sdpa":
+        report.notes.append(f"attention not patched: the model runs {current!r} attention, not 'sdpa'"
+                            + (" (its config is shared with a patched model)" if current == ATTENTION_NAME else ""))
+    else:
+        _register_hf_attention()
+        state["attn_implementation"] = current
+        model.set_attn_implementation(ATTENTION_NAME)
+        report.attention = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     for m in model.modules():
         forward, kind = _norm_forward(m)
         if forward is not None:
-            m.forward = types.MethodType(forward, m)
-            state["norms"].append(m)
+            previous = vars(m).get("forward")  # an instance forward already there (a hook), or None
+            m.forward = functools.partial(forward, m, previous)
+            state["norms"].append((m, previous))
             setattr(report, kind, getattr(report, kind) + 1)
     report.notes.append("not fused: the MLP (its norm and residual add live in the decoder layer) and the loss "
                         "(the model's forward forms the logits)")
@@ -182,8 +212,11 @@ def unpatch(model: nn.Module) -> None:
         raise ValueError("unpatch: this model is not patched")
     for m, backend in state.get("backends", {}).items():
         m.backend = backend
-    for m in state.get("norms", ()):
-        del m.forward  # the instance attribute; the class's forward shows again
+    for m, previous in state.get("norms", ()):
+        if previous is None:
+            del m.forward  # the instance attribute; the class's forward shows again
+        else:
+            m.forward = previous
     if "attn_implementation" in state:
         model.set_attn_implementation(state["attn_implementation"])
     object.__delattr__(model, _STATE)

@@ -90,7 +90,25 @@ def _evaluate(model: GPT, data: torch.Tensor, args, generator: torch.Generator) 
     return sum(losses) / len(losses)
 
 
+def _require(command: str, args, positive=(), non_negative=(), files=()) -> None:
+    """SystemExit with a message naming the option, for values the loops cannot take."""
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SystemExit(f"fusedlm {command}: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise SystemExit(f"fusedlm {command}: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in files:
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            raise SystemExit(f"fusedlm {command}: --{name} {path}: no such file")
+
+
 def train(args) -> int:
+    _require("train", args, positive=("steps", "batch", "seq_len", "n_layer", "n_head", "n_embd", "lr", "eval_every",
+                                      "eval_batches"), non_negative=("warmup",), files=("data",))
+    if args.n_embd % args.n_head:
+        raise SystemExit(f"fusedlm train: --n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
     text = args.data.read_bytes() if args.data is not None else _default_text()
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     split = int(0.9 * data.numel())
@@ -132,8 +150,10 @@ def train(args) -> int:
 
 
 def generate(args) -> int:
+    _require("generate", args, positive=("top_k", "top_p"), non_negative=("max_new_tokens", "temperature"),
+             files=("checkpoint",))
     checkpoint = torch.load(args.checkpoint, map_location=args.device, weights_only=True)
-    if checkpoint.get("tokens") != "bytes":
+    if not isinstance(checkpoint, dict) or checkpoint.get("tokens") != "bytes":
         raise SystemExit(f"fusedlm generate: {args.checkpoint} is no `fusedlm train` checkpoint")
     config = GPTConfig(**checkpoint["config"])
     model = GPT(config, backend=args.backend).to(device=args.device, dtype=getattr(torch, args.dtype))
