@@ -22,7 +22,7 @@ import torch
 import fusedlm
 from fusedlm import dispatch, reference
 
-from .harness import Case, Inputs, Provider
+from .harness import Case, Inputs, Provider, float32_cases
 
 OP = "gpt"
 TITLE = "gpt (fusedlm.GPT, a training step of the whole model)"
@@ -53,10 +53,7 @@ REPEATS = {("cpu", "quick"): 3, ("cpu", "full"): 3, ("cuda", "quick"): 20, ("cud
 
 
 def cases(preset: str, device: str, dtypes: list) -> list:
-    # On the CPU only fp32 unless asked (as the other GEMM-bound benchmarks).
-    if device == "cpu" and preset == "quick":
-        dtypes = [dt for dt in dtypes if dt == "float32"] or dtypes
-    return [Case(OP, v, shape, dt, device) for v in VARIANTS for shape in PRESETS[(device, preset)] for dt in dtypes]
+    return float32_cases(OP, VARIANTS, PRESETS[(device, preset)], device, preset, dtypes)
 
 
 def baseline(case: Case) -> str:

@@ -125,6 +125,15 @@ def parse_dtypes(text: str) -> list:
     return out
 
 
+def float32_cases(op: str, variants, shapes: list, device: str, preset: str, dtypes: list) -> list:
+    """The Case list of a GEMM-bound benchmark: every variant x shape x dtype, except that the CPU's
+    quick preset runs float32 only unless only other dtypes were asked (CPU bf16 GEMMs are another
+    benchmark, fp16 ones unusable)."""
+    if device == "cpu" and preset == "quick":
+        dtypes = [dt for dt in dtypes if dt == "float32"] or dtypes
+    return [Case(op, v, shape, dt, device) for v in variants for shape in shapes for dt in dtypes]
+
+
 def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import dispatch
 
-from .harness import Case, Inputs, Provider
+from .harness import Case, Inputs, Provider, float32_cases
 
 OP = "lm_head"
 TITLE = "lm_head (fusedlm.lm_head_softmax, forward only)"
@@ -55,10 +55,7 @@ REPEATS = {("cpu", "quick"): 10, ("cpu", "full"): 5}
 
 
 def cases(preset: str, device: str, dtypes: list) -> list:
-    # On the CPU only fp32 unless asked (as softmax_output.py): bf16 GEMMs there are another benchmark.
-    if device == "cpu" and preset == "quick":
-        dtypes = [dt for dt in dtypes if dt == "float32"] or dtypes
-    return [Case(OP, v, shape, dt, device) for v in VARIANTS for shape in PRESETS[(device, preset)] for dt in dtypes]
+    return float32_cases(OP, VARIANTS, PRESETS[(device, preset)], device, preset, dtypes)
 
 
 def baseline(case: Case) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import dispatch
 
-from .harness import Case, Inputs, Provider
+from .harness import Case, Inputs, Provider, float32_cases
 
 OP = "softmax_output"
 TITLE = "softmax_output (fusedlm.linear_cross_entropy)"
@@ -64,10 +64,7 @@ def target(case: Case) -> float | None:
 
 
 def cases(preset: str, device: str, dtypes: list) -> list:
-    # On the CPU only fp32 unless asked: bf16 GEMMs there are another benchmark (and fp16 is unusable).
-    if device == "cpu" and preset == "quick":
-        dtypes = [dt for dt in dtypes if dt == "float32"] or dtypes
-    return [Case(OP, v, shape, dt, device) for v in VARIANTS for shape in PRESETS[(device, preset)] for dt in dtypes]
+    return float32_cases(OP, VARIANTS, PRESETS[(device, preset)], device, preset, dtypes)
 
 
 def baseline(case: Case) -> str:
