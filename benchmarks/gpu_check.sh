@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with a CUDA GPU and no network, in about 9 minutes:
 #   1. build the extension with the machine's torch and triton (pip install --no-build-isolation --no-deps -e .)
-#   2. the GPU tests, one pytest per op file group IN PARALLEL (Triton compiles on the CPU cores, the GPU
+#   2. the GPU tests, one pytest per op file group (and one for the whole model) IN PARALLEL (Triton compiles on the CPU cores, the GPU
 #      work is small): the tests marked "gpu" or "triton", which run the CUDA C++ and the Triton
 #      kernels on the GPU (not the interpreter), plus any GPU-only test files
 #   3. the GPU benchmarks, one op after another (alone on the GPU): fusedlm bench --device cuda --ops OP
@@ -71,7 +71,8 @@ if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-bui
   stage t_attention 200 bash -c 'gpu_tests tests/test_attention.py tests/test_attention_cuda.py' &
   stage t_layernorm_mlp 150 bash -c 'gpu_tests tests/test_layernorm_mlp.py tests/test_layernorm_mlp_triton.py' &
   stage t_softmax_output 150 bash -c 'gpu_tests tests/test_softmax_output.py tests/test_lm_head.py' &
-  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py tests/test_model.py' &
+  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py' &
+  stage t_model 150 bash -c 'gpu_tests tests/test_model.py' &
   wait
   export FUSEDLM_LOG_TUNING=1  # the Triton attention forward prints the tile its tuner keeps per shape class
   for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm gpt}; do
@@ -97,7 +98,7 @@ fi
   grep -E '^(gpu|cpus|versions): ' "$OUT/env.log" 2>/dev/null
   grep -E '^real' "$OUT/build.log" 2>/dev/null | sed 's/^real/build time/'
   printf '%-20s %-8s %-6s %s\n' stage rc seconds result
-  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm $(cd "$OUT/stages" && ls bench_* 2>/dev/null) tiles overhead profile; do
+  for f in env build t_attention t_layernorm_mlp t_softmax_output t_layer_norm t_model $(cd "$OUT/stages" && ls bench_* 2>/dev/null) tiles overhead profile; do
     [[ -f $OUT/stages/$f ]] || continue
     IFS='|' read -r n rc sec note < "$OUT/stages/$f"
     printf '%-20s %-8s %-6s %s\n' "$n" "$rc" "$sec" "$note"
