@@ -338,3 +338,25 @@ def test_sdpa_gradients_through_the_kernel():
     F.scaled_dot_product_attention(q64, k64, v64, is_causal=True).sum().backward()
     for g, t in zip(grads, (q64, k64, v64)):
         torch.testing.assert_close(g, t.grad.float(), rtol=1e-4, atol=1e-5 * math.sqrt(21))
+
+
+def test_gpt_without_biases_matches_reference():
+    fused, ref, ref64 = models(small_config(bias=False), "cpu", torch.float32, "cpu")
+    assert fused.transformer.ln_f.bias is None and fused.transformer.h[0].mlp.c_fc.bias is None
+    idx, targets = batch("cpu")
+    losses = [m(idx, targets)[1] for m in (fused, ref, ref64)]
+    assert_within_budget(losses[0].detach(), losses[2].detach(), losses[1].detach(), name="loss")
+
+
+def test_gpt_training_step_with_dropout():
+    """Dropout on the residual branches: the MLP's residual add leaves the fused op (residual=False) so the
+    dropout sits between them; eval mode turns it off and gives the fused op back."""
+    torch.manual_seed(0)
+    model = fusedlm.GPT(small_config(dropout=0.1)).train()
+    idx, targets = batch("cpu")
+    _, loss = model(idx, targets)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        a, b = model.eval()(idx)[0], model(idx)[0]
+    assert torch.equal(a, b)
