@@ -44,14 +44,16 @@ def batch(device, b=2, t=37, ignore=0.2):
 DTYPE_CASES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
-    *[pytest.param(p.values[0], torch.float32, id=f"{p.id}-fp32", marks=p.marks)
-      for p in backend_params(cpu=False)],
+    *[pytest.param(p.values[0], dtype, id=f"{p.id}-{name}", marks=p.marks)
+      for p in backend_params(cpu=False) for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))],
 ]
 
 
 @pytest.mark.parametrize("backend,dtype", DTYPE_CASES)
 def test_loss_and_gradients_match_reference(backend, dtype):
     device = backend_device(backend)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is wrong in the Triton interpreter (no GPU here)")
     fused, ref, ref64 = models(small_config(), backend, dtype, device)
     idx, targets = batch(device)
     results = {}
