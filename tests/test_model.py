@@ -191,6 +191,24 @@ def test_layernorm_mlp_module(activation, norm, bias, residual):
         assert_within_budget(outs["fused"][2][n], g, outs["ref"][2][n], name=f"grad {n}")
 
 
+@pytest.mark.parametrize("norm,bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)])
+def test_layer_norm_module(norm, bias):
+    ln = fusedlm.nn.LayerNorm(97, bias, 1e-5, norm=norm, backend="cpu")
+    with torch.no_grad():
+        ln.weight.normal_()
+        if bias:
+            ln.bias.normal_()
+    x, r = torch.randn(3, 7, 97), torch.randn(3, 7, 97)
+    y, h = ln(x, r)
+    params = (ln.weight.double(), ln.bias.double() if bias else None)
+    y64, h64 = reference.layer_norm(x.double(), *params, norm=norm, residual=r.double())
+    y32, _ = reference.layer_norm(x, ln.weight, ln.bias, norm=norm, residual=r)
+    assert_within_budget(y, y64, y32, name="y")
+    torch.testing.assert_close(h, (x + r))
+    assert_within_budget(ln(x), reference.layer_norm(x.double(), *params, norm=norm),
+                         reference.layer_norm(x, ln.weight, ln.bias, norm=norm), name="y without residual")
+
+
 def test_causal_self_attention_gqa_module():
     attn = fusedlm.nn.CausalSelfAttention(64, 8, n_kv_head=2, backend="cpu")
     assert attn.c_attn.weight.shape == ((8 + 2 * 2) * 8, 64)

@@ -68,8 +68,9 @@ transformers_params = [pytest.param("gpt2", id="gpt2"), pytest.param("llama", id
 
 def hf_model(kind, dtype=torch.float32):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    if not hasattr(transformers, "AttentionInterface"):
-        pytest.skip(f"transformers {transformers.__version__} has no AttentionInterface (needs >= 4.48)")
+    if not hasattr(transformers.PreTrainedModel, "set_attn_implementation"):
+        pytest.skip(f"transformers {transformers.__version__} has no PreTrainedModel.set_attn_implementation "
+                    "(about 4.54 and later)")
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,

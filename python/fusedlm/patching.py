@@ -7,7 +7,8 @@ fusedlm.GPT / fusedlm.reference.GPT (python/fusedlm/model.py): every module's ba
 so the whole model runs fused: attention, layer_norm, layernorm_mlp (ln_2 + MLP + residual) and the
 loss by linear_cross_entropy (the model then returns logits None with targets, as fusedlm.GPT does).
 
-Hugging Face transformers models (>= 4.48, which route attention through AttentionInterface):
+Hugging Face transformers models (attention: releases with PreTrainedModel.set_attn_implementation,
+about 4.54 and later, which route attention through AttentionInterface):
   - attention, for the model types of HF_ATTENTION_MODELS (GPT-2 and the Llama family) running
     transformers' "sdpa" attention: the implementation becomes "fusedlm", registered once with
     AttentionInterface (and, for its masks, with sdpa's mask builder). `hf_attention` runs
@@ -181,7 +182,7 @@ def _patch_transformers(model) -> PatchReport:
     current = getattr(config, "_attn_implementation", None)
     if not hasattr(model, "set_attn_implementation"):
         report.notes.append("attention not patched: this transformers release has no set_attn_implementation "
-                            "(transformers >= 4.48 routes attention through AttentionInterface)")
+                            "(about 4.54 and later have it)")
     elif model_type not in HF_ATTENTION_MODELS:
         report.notes.append(f"attention not patched: model type {model_type!r} is not one of {HF_ATTENTION_MODELS}")
     elif current != "sdpa":
