@@ -6,6 +6,8 @@ kernel cannot take fall back to the model's own code, and unpatch restores the m
 """
 import copy
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -205,6 +207,26 @@ def test_patched_model_pickles_and_copies():
             assert torch.equal(clone(idx).logits, expected)
             fusedlm.unpatch(clone)
     assert "forward" in vars(model.transformer.ln_f)  # the original is still patched
+
+
+def test_patched_model_loads_in_a_new_process(tmp_path):
+    """torch.save of a patched model, torch.load in a fresh interpreter: loading registers the attention
+    implementation its config names (before, transformers raised: '`fusedlm` is not a valid attention
+    implementation'), and the logits are the same bits."""
+    model = hf_model("llama")
+    fusedlm.patch(model)
+    idx = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.save((idx, model(idx).logits), tmp_path / "expected.pt")
+    torch.save(model, tmp_path / "model.pt")
+    script = (f"import torch, fusedlm\n"
+              f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+              f"idx, logits = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+              f"with torch.no_grad():\n    assert torch.equal(m(idx).logits, logits)\n"
+              f"fusedlm.unpatch(m)\nprint(m.config._attn_implementation)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("sdpa")
 
 
 def test_an_instance_forward_is_kept_and_restored(counted):

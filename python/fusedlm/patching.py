@@ -90,6 +90,19 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                   is_causal=is_causal, position_bias=position_bias, **kwargs)
 
 
+class _PatchState(dict):
+    """What unpatch needs, kept on the patched model. Unpickling a patched transformers model (in another
+    process too) registers the attention function again, which its config names."""
+
+    def __reduce__(self):
+        # pickle restores the items, then calls __setstate__ (with this placeholder state)
+        return (_PatchState, (), True, None, iter(self.items()))
+
+    def __setstate__(self, _):
+        if "attn_implementation" in self:
+            _register_hf_attention()
+
+
 def _register_hf_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -170,13 +183,13 @@ def _patch_gpt(model) -> PatchReport:
     for m in previous:
         m.backend = "auto"
     blocks = len(model.transformer.h)
-    object.__setattr__(model, _STATE, {"backends": previous})
+    object.__setattr__(model, _STATE, _PatchState(backends=previous))
     return PatchReport("fusedlm.GPT", attention=blocks, layer_norm=blocks + 1, layernorm_mlp=blocks, loss=True)
 
 
 def _patch_transformers(model) -> PatchReport:
     report = PatchReport("transformers")
-    state = {"norms": []}
+    state = _PatchState(norms=[])
     config = model.config
     model_type = getattr(config, "model_type", None)
     current = getattr(config, "_attn_implementation", None)
