@@ -39,6 +39,7 @@ import torch.nn as nn
 from fusedlm import dispatch, model as gpt_model
 from fusedlm.nn.functional import _kernel_takes
 from fusedlm.ops import attention, layer_norm
+from fusedlm.validation import FLOAT32_MAX, FLOAT32_TINY
 
 ATTENTION_NAME = "fusedlm"
 # transformers model types whose attention patch() swaps: their modeling code calls the attention
@@ -116,7 +117,7 @@ def _register_hf_attention() -> None:
 def _norm_kernel_takes(x, weight, eps) -> bool:
     return (isinstance(weight, torch.Tensor) and weight.dtype == x.dtype and weight.device == x.device
             and x.dim() >= 1 and x.numel() > 0 and weight.shape == (x.shape[-1],)
-            and 1.1754943508222875e-38 <= eps <= 3.4028234663852886e38
+            and FLOAT32_TINY <= eps <= FLOAT32_MAX
             and dispatch.resolve("layer_norm", "auto", x.device, native_op="layer_norm_fwd", triton=True,
                                  dtype=x.dtype) != "reference")
 

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 
 from fusedlm import dispatch
 from fusedlm.ops.attention import MAX_HEAD_DIM, MIN_TRITON_HEAD_DIM, OP, attention
-
-_FLOAT32_NORMAL = (1.1754943508222875e-38, 3.4028234663852886e38)
+from fusedlm.validation import FLOAT32_MAX, FLOAT32_TINY
 
 
 def _kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -26,7 +25,7 @@ def _kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return False
     if is_causal and nq != nk:  # torch's causal mask is aligned top-left, fusedlm's bottom-right
         return False
-    if scale is not None and not (isinstance(scale, (int, float)) and _FLOAT32_NORMAL[0] <= scale <= _FLOAT32_NORMAL[1]):
+    if scale is not None and not (isinstance(scale, (int, float)) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
         return False
     chosen = dispatch.resolve(OP, "auto", query.device, native_op="attention_fwd", triton=True,
                               dtype=query.dtype)
