@@ -58,21 +58,27 @@ print(\"versions: python\", sys.version.split()[0], \"torch\", torch.__version__
 
 # pytest over the given files (those that exist): the tests marked "gpu" (CUDA C++ kernels, GPU-only
 # files) or "triton" (on a GPU, compiled, not interpreted). -p no:cacheprovider: keep the tree clean.
+# The first argument is a worker count: above 1, and with pytest-xdist installed, the files run in that many
+# processes (-n), since the Triton compiles, not the GPU, take the time (the layernorm_mlp stage ran past
+# 150 s in one process on 2026-11-30).
 gpu_tests() {
-  local files=() f
+  local workers=$1 files=() par=() f
+  shift
   for f in "$@"; do [[ -f $f ]] && files+=("$f"); done
   (( ${#files[@]} )) || { echo "no test files among: $*"; return 0; }
-  "$PY" -m pytest -q -ra -p no:cacheprovider -m "gpu or triton" "${files[@]}"
+  (( workers > 1 )) && "$PY" -c "import xdist" 2>/dev/null && par=(-n "$workers")
+  "$PY" -m pytest -q -ra -p no:cacheprovider "${par[@]}" -m "gpu or triton" "${files[@]}"
 }
 export -f gpu_tests; export PY
 
 if stage build 240 bash -c "set -o pipefail; time $PY -m pip install -v --no-build-isolation --no-deps -e . && \
     $PY -c 'import fusedlm, fusedlm.dispatch as d; assert d._C is not None, d._C_ERROR; print(\"backends\", fusedlm.available_backends())'"; then
-  stage t_attention 200 bash -c 'gpu_tests tests/test_attention.py tests/test_attention_cuda.py' &
-  stage t_layernorm_mlp 150 bash -c 'gpu_tests tests/test_layernorm_mlp.py tests/test_layernorm_mlp_triton.py' &
-  stage t_softmax_output 150 bash -c 'gpu_tests tests/test_softmax_output.py tests/test_lm_head.py' &
-  stage t_layer_norm 150 bash -c 'gpu_tests tests/test_layer_norm.py' &
-  stage t_model 150 bash -c 'gpu_tests tests/test_model.py' &
+  # workers per stage: about the CPU count in all (16 on the H200 machine)
+  stage t_attention 200 bash -c 'gpu_tests 4 tests/test_attention.py tests/test_attention_cuda.py' &
+  stage t_layernorm_mlp 200 bash -c 'gpu_tests 6 tests/test_layernorm_mlp.py tests/test_layernorm_mlp_triton.py' &
+  stage t_softmax_output 150 bash -c 'gpu_tests 2 tests/test_softmax_output.py tests/test_lm_head.py' &
+  stage t_layer_norm 150 bash -c 'gpu_tests 2 tests/test_layer_norm.py' &
+  stage t_model 150 bash -c 'gpu_tests 1 tests/test_model.py' &
   wait
   export FUSEDLM_LOG_TUNING=1  # the Triton attention forward prints the tile its tuner keeps per shape class
   for op in ${GPU_CHECK_OPS:-attention layernorm_mlp softmax_output lm_head layer_norm gpt}; do

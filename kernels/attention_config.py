@@ -55,26 +55,31 @@ _TABLES = {"fwd": _GPU_FWD, "dkdv": _GPU_DKDV, "dq": _GPU_DQ}
 
 # Backward entries that differ by arch family: (family, kernel, head-dim bucket, 16-bit?) -> configuration,
 # looked up before _TABLES. Static, not timed as the forward's are: a dK/dV tile sets the order of the
-# sums over query blocks, so a measured choice could give different bits in two processes. Checked with
-# the report for the family's arch under Triton 3.6 (the H200 machine's) and 3.9 (stack bytes there):
-#   sm90 16-bit D128 dK/dV 32 x 64, 8 warps, 2 stages: no spills with either (the shared entry's 16 query
-#     rows per step feed 16-wide HGMMAs; the H200 run of 2026-11-29 had this backward at about 6x SDPA's).
-#     64 x 64 at 2 stages spills 8 bytes with Triton 3.6 (0 with 3.9), 32 x 128 spills 232-368.
-#   sm90 16-bit dQ D64 and D128 128 x 32, 8 warps: 128-row tiles give each warpgroup 64 rows (as the
-#     forward's, which measured 1.35x SDPA's flash at D64); no spills with either version, 174-184 registers.
+# sums over query blocks, so a measured choice could give different bits in two processes. Chosen from
+# benchmarks/attention_tiles.py on the H200 (gpu_check of 2026-11-30, Triton 3.6, bf16 causal B=4 H=16
+# N=4096; "x" = the whole backward's speed-up over the entry it replaced), and checked with the report
+# for the family's arch under Triton 3.6 and 3.9 (stack bytes there):
+#   sm90 16-bit D64 dK/dV 64 x 128, 8 warps, 2 stages: 1.11x over 32 x 128; no spills with either.
+#   sm90 16-bit D128 dK/dV 64 x 64, 8 warps: 2 stages 1.24x and 1 stage 1.31x over 32 x 64 (which
+#     compiles clean with both). Triton 3.9 compiles the 2-stage tile clean and spills 48 bytes at 1 stage;
+#     Triton 3.6 spills 8 bytes at 2 stages and 16 at 1. Measured beats the proxy: with 3.6 (the H200
+#     machine's release, _GPU_FAMILY_BEFORE_3_9) the 1-stage tile, the fastest despite its 16 bytes;
+#     with 3.9 the 2-stage one, clean. 32 x 128 spills 232-368 bytes.
+#   sm90 16-bit dQ D64 128 x 32 and D128 128 x 64, 8 warps, 2 stages: 128-row tiles give each warpgroup
+#     64 rows (as the forward's); D128 128 x 64 is 1.09x over 128 x 32; no spills with either version.
 #   sm80 16-bit D64 dK/dV 32 x 128 at 1 stage: the shared 2-stage entry spills 16 bytes on sm_80 with 3.6.
-# benchmarks/attention_tiles.py times these against the shared entries on a GPU.
 _GPU_FAMILY = {
-    ("sm90", "dkdv", 128, True): (32, 64, 8, 2),
+    ("sm90", "dkdv", 64, True): (64, 128, 8, 2),
+    ("sm90", "dkdv", 128, True): (64, 64, 8, 2),
     ("sm90", "dq", 64, True): (128, 32, 8, 2),
-    ("sm90", "dq", 128, True): (128, 32, 8, 2),
+    ("sm90", "dq", 128, True): (128, 64, 8, 2),
     ("sm80", "dkdv", 64, True): (32, 128, 8, 1),
 }
 # Entries that depend on the Triton release. sm90 16-bit forward at D = 256: Triton 3.6 spills 120-160
 # bytes on sm_90a with the shared 64 x 32 tile (and with every 64 x 16 / 64 x 32 / 128 x 32 tile tried);
 # 64 x 64 at 8 warps and 1 stage is its only clean one, which Triton 3.9 in turn spills (64-72 bytes) while
 # it compiles 64 x 32 clean. Releases between were not checked: they take the 3.6 entry.
-_GPU_FAMILY_BEFORE_3_9 = {("sm90", "fwd", 256, True): (64, 64, 8, 1)}
+_GPU_FAMILY_BEFORE_3_9 = {("sm90", "fwd", 256, True): (64, 64, 8, 1), ("sm90", "dkdv", 128, True): (64, 64, 8, 1)}
 if triton_version() < (3, 9):
     _GPU_FAMILY.update(_GPU_FAMILY_BEFORE_3_9)
 
