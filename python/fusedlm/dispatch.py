@@ -24,18 +24,18 @@ from fusedlm.validation import fmt_dtype
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 # Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors: kernels that
-# passed their tests on an H200 (benchmarks/gpu_check.sh; numbers in benchmarks/RESULTS.md), the
-# faster first where both did. attention: Triton (every head dim 16..256; the CUDA C++ kernels take
-# 64-128 only). lm_head_softmax: Triton, since the CUDA binding changed after that run (row max) and
-# has not run on a GPU since. linear_cross_entropy: none, so the reference: both backwards were
-# rebuilt after that run (vocabulary slabs) and have run only in the interpreter / compile check;
-# backend="cuda" or "triton" selects them. layernorm_mlp: Triton, since the CUDA activation kernels
-# were rewritten after that run (16-byte packs, batched rows) and are compiled only.
+# passed their tests on an H200 (benchmarks/gpu_check.sh of 2026-11-30, every GPU test passing; numbers
+# in benchmarks/RESULTS.md), the faster first (bf16 forward+backward at the suite's GPU shapes).
+# layer_norm: CUDA C++ (3.7-5.0x Triton at 8192 x 768; at 32768 x 4096 from 0.92x to 1.28x of it).
+# attention: Triton (1.2-1.5x the CUDA C++ kernels, and every head dim 16..256 where those take 64-128). layernorm_mlp: CUDA C++
+# (1.6-1.7x Triton). linear_cross_entropy: CUDA C++ (1.02x Triton at 8192 x 768 x 50304, 1.17x at
+# 16384 x 2048 x 128256). lm_head_softmax: Triton (1.5-1.8x CUDA at 1 and 64 rows, the generation
+# case; CUDA is 1.9x Triton at 4096 rows).
 AUTO_GPU = {
     "layer_norm": ("cuda", "triton"),
     "attention": ("triton",),
-    "layernorm_mlp": ("triton",),
-    "linear_cross_entropy": (),
+    "layernorm_mlp": ("cuda", "triton"),
+    "linear_cross_entropy": ("cuda", "triton"),
     "lm_head_softmax": ("triton", "cuda"),
 }
 
