@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", default="",
                    help="comma-separated fragments of provider names to leave out, e.g. 'compile,SDPA[math]'")
     p.add_argument("--warmup", type=int, default=3, help="untimed forward+backward runs per provider (default 3)")
+    p.add_argument("--shapes", default="",
+                   help="comma-separated case shapes to keep, as the tables write them (e.g. 8192x768x50304); "
+                        "default: every shape of the preset")
 
 
 # --- markdown --------------------------------------------------------------------------------
@@ -245,13 +248,18 @@ def run(args: argparse.Namespace, argv: list | None = None) -> int:
     suffix = ".cuda" if args.device == "cuda" else ""
     info = machine_info(args.device)
     command = "fusedlm bench" + ("" if argv is None else " " + " ".join(argv))
+    # the ops whose module sets its own count for this preset (GEMM-bound ops whose reps take seconds)
+    own_reps = {} if args.repeats else {
+        op: n for op in ops if (n := getattr(load_op(op), "REPEATS", {}).get((args.device, preset))) is not None}
+    reps_text = f"{reps} reps" + ("".join(f", {op} {n}" for op, n in own_reps.items()) if own_reps else "")
     settings = {"command": command.strip(), "preset": preset, "reps": reps, "warmup": args.warmup,
                 "modes": list(MODES), "memory": not args.no_memory, "dtypes": dtypes,
-                "skip": args.skip}
+                "skip": args.skip, "shapes": args.shapes}
+    shapes = {x.strip() for x in args.shapes.split(",") if x.strip()}
     print(f"# fusedlm bench, {preset} preset on {args.device}: {info['device_name']}")
     print(f"torch {info['torch']}, triton {info['triton']}, fusedlm {info['fusedlm']}, "
           f"torch.get_num_threads() = {info['threads']}, load average {info['loadavg']}, backends {info['backends']}")
-    print(f"{reps} reps after {args.warmup} warm-up runs; results in {out}\n", flush=True)
+    print(f"{reps_text} after {args.warmup} warm-up runs; results in {out}\n", flush=True)
 
     sections = []
     for op in ops:
@@ -259,7 +267,15 @@ def run(args: argparse.Namespace, argv: list | None = None) -> int:
         op_reps = args.repeats or getattr(opmod, "REPEATS", {}).get((args.device, preset), reps)
         rows, skipped = [], {}
         json_path = out / f"{op}{suffix}.json"
-        for case in opmod.cases(preset, args.device, dtypes):
+        op_cases = opmod.cases(preset, args.device, dtypes)
+        if shapes:
+            kept = [c for c in op_cases if c.label in shapes]
+            if not kept:
+                print(f"bench: --shapes {args.shapes} matches no {op} case of the {preset} preset on {args.device} "
+                      f"(its shapes: {', '.join(dict.fromkeys(c.label for c in op_cases))})", file=sys.stderr)
+                return 2
+            op_cases = kept
+        for case in op_cases:
             t0 = time.perf_counter()
             case_rows, case_skipped = run_case(opmod, case, modes=getattr(opmod, "MODES", MODES), reps=op_reps,
                                                warmup=args.warmup, memory=not args.no_memory,
@@ -283,7 +299,7 @@ def run(args: argparse.Namespace, argv: list | None = None) -> int:
                   + "; ".join(f"{c} {p} {r:.2f}x" for c, p, r in ratios) + "\n")
     elapsed = time.perf_counter() - t_start
     header = (f"# fusedlm benchmarks ({args.device})\n\nMade by `{settings['command']}` in {elapsed:.0f} s "
-              f"({preset} preset, {reps} reps after {args.warmup} warm-up runs, medians with p20-p80).\n")
+              f"({preset} preset, {reps_text} after {args.warmup} warm-up runs, medians with p20-p80).\n")
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if args.device == "cpu" and max(info["loadavg"] or 0.0, load_end) > 0.5 * info["threads"]:
         busy = (f"The machine was busy (load average {info['loadavg']} at the start, {load_end:.2f} at the end, "

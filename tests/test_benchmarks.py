@@ -110,6 +110,21 @@ def test_cli_bench_help(capsys):
         assert option in out
 
 
+def test_cli_bench_shapes_keeps_the_named_cases(monkeypatch, tmp_path, capsys):
+    """--shapes runs only the preset's cases of those shapes (as the tables write them), and names the
+    preset's shapes when none matches."""
+    monkeypatch.setattr(ln_bench, "providers", _only({"F.layer_norm"}))
+    monkeypatch.setattr(ln_bench, "cases", lambda preset, device, dtypes: [
+        harness.Case("layer_norm", "layernorm", shape, "float32", device) for shape in ((8, 16), (12, 32))])
+    common = ["bench", "--ops", "layer_norm", "--dtypes", "float32", "--repeats", "2", "--warmup", "1",
+              "--no-plots", "--no-memory", "--out", str(tmp_path)]
+    assert cli_main(common + ["--shapes", "12x32"]) == 0
+    rows = json.loads((tmp_path / "layer_norm.json").read_text())["rows"]
+    assert rows and {tuple(r["shape"]) for r in rows} == {(12, 32)}
+    assert cli_main(common + ["--shapes", "9x9"]) == 2
+    assert "8x16, 12x32" in capsys.readouterr().err
+
+
 def test_parse_dtypes():
     assert harness.parse_dtypes("fp32, bf16") == ["float32", "bfloat16"]
     with pytest.raises(ValueError, match="--dtypes"):
