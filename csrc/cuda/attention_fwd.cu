@@ -7,20 +7,26 @@
 // warps): with kMT = 1 (64-row blocks) the H200 run of 2026-11-29 had this forward at 0.76x SDPA's
 // flash backend, bound by ldmatrix traffic. Over key blocks j of BN keys, in float32:
 //
-//   s   = q k_j^T * scale * log2(e)          base 2: exp2 instead of exp, the scale folded in
-//   m'  = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
+//   s   = q k_j^T,  c = scale * log2(e)      base 2: exp2 instead of exp, the scale folded in
+//   m'  = max(m, c rowmax s);  p = exp2(c s - m') (one FFMA);  alpha = exp2(m - m')
 //   l   = alpha l + rowsum p;  o = alpha o + p v_j   (p rounded to T for the tensor cores)
 //   out = o / l;  lse = (m + log2 l) ln 2
 //
-// A row whose keys are all masked so far keeps m = -inf and shifts by 0 instead (p = alpha = 0,
-// never NaN); if it never sees a key it stores out = 0 and lse = -inf.
+// c > 0 and rounding is monotone, so c rowmax s is the max of the rounded c s. A row whose keys are all
+// masked so far keeps m = -inf and shifts by 0 instead (p = alpha = 0, never NaN); if it never sees a
+// key it stores out = 0 and lse = -inf. o *= alpha is skipped for a warp's row tile when no lane's
+// alpha differs from 1 (no row's max moved: the same bits), which after the first key blocks is most.
 // Causal (query i sees key j iff j <= i + Nk - Nq): the key loop stops after the last key the
-// block's last row sees, so blocks above the diagonal are never loaded; only blocks that cross
-// the diagonal or the Nk tail evaluate the mask.
+// block's last row sees, so blocks above the diagonal are never loaded. The mask is a separate
+// instance of the loop body (kMasked), run for the blocks that cross the diagonal or the Nk tail
+// only: left to a runtime flag, the compiler predicated the mask's compares and selects into every
+// block's code.
 // Pipeline: K_j, V_j for stage j & 1 arrive by cp.async while block j - 1 is computed (one
 // __syncthreads per key block). Rows past Nq / keys past Nk are zero-filled in shared memory.
 // Memory traffic: q once, K and V once per query block (B Hq ceil(Nq / BM) 2 Nk D bytes-per-element,
 // about halved by causal skipping), out once, 4 bytes of lse per row.
+#include <type_traits>
+
 #include "cuda/attention.h"
 #include "cuda/attention_common.cuh"
 
@@ -79,7 +85,9 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
   const int row0 = m0 + 16 * MT * warp + g;
   const T* sq_warp = sq + 16 * MT * warp * S;
 
-  for (int j = 0; j < n_blocks; ++j) {
+  // One key block: wait for its K and V, prefetch the next block's, then scores, online softmax and P V.
+  auto key_block = [&](const int j, auto masked_tag) {
+    constexpr bool kMasked = decltype(masked_tag)::value;
     cp_async_wait<0>();
     __syncthreads();  // block j landed for every thread; everyone is done with block j - 1's stage
     if (j + 1 < n_blocks) {
@@ -94,50 +102,59 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
     float s[MT][BN / 8][4] = {};
     mma_abt_tiles<T, MT, BN, D, S>(s, sq_warp, sk_j, lane);
 
-    const int n0 = j * BN;
-    const bool masked = n0 + BN > p.n_k || (p.causal && n0 + BN - 1 > m0 + offset);
     uint32_t pa[MT][BN / 16][4];
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
+      if constexpr (kMasked) {
+        const int n0 = j * BN;
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
+        for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[i][n][e] *= p.scale_log2;
-          if (masked) {
+          for (int e = 0; e < 4; ++e) {
             const int col = n0 + 8 * n + 2 * t + (e & 1);
             const int row = row0 + 16 * i + 8 * (e >> 1);
             if (col >= p.n_k || (p.causal && col > row + offset)) s[i][n][e] = -INFINITY;
           }
         }
       }
+      float alpha[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float mx = m[i][r];
+        float mx = -INFINITY;
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[i][n][2 * r], s[i][n][2 * r + 1]));
-        mx = quad_max(mx);
-        const float shift = mx == -INFINITY ? 0.f : mx;
-        const float alpha = exp2f(m[i][r] - shift);
-        m[i][r] = mx;
+        const float m_new = fmaxf(m[i][r], quad_max(mx) * p.scale_log2);
+        const float shift = m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = exp2_approx(m[i][r] - shift);
+        m[i][r] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) {
-          s[i][n][2 * r] = exp2f(s[i][n][2 * r] - shift);
-          s[i][n][2 * r + 1] = exp2f(s[i][n][2 * r + 1] - shift);
+          s[i][n][2 * r] = exp2_approx(fmaf(s[i][n][2 * r], p.scale_log2, -shift));
+          s[i][n][2 * r + 1] = exp2_approx(fmaf(s[i][n][2 * r + 1], p.scale_log2, -shift));
           sum += s[i][n][2 * r] + s[i][n][2 * r + 1];
         }
-        l[i][r] = l[i][r] * alpha + sum;  // this lane's columns only; summed over the quad at the end
+        l[i][r] = l[i][r] * alpha[r] + sum;  // this lane's columns only; summed over the quad at the end
+      }
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // warp-uniform
 #pragma unroll
         for (int d = 0; d < D / 8; ++d) {
-          o[i][d][2 * r] *= alpha;
-          o[i][d][2 * r + 1] *= alpha;
+          o[i][d][0] *= alpha[0];
+          o[i][d][1] *= alpha[0];
+          o[i][d][2] *= alpha[1];
+          o[i][d][3] *= alpha[1];
         }
       }
       to_a_frags<T, BN>(s[i], pa[i]);
     }
     mma_pb_tiles<T, MT, BN, D, S>(o, pa, sv_j, lane);
-  }
+  };
+  // Key blocks [0, n_plain) need no mask: every key is < Nk and, causal, seen by the block's first row
+  // (key n0 + BN - 1 <= m0 + offset), hence by all of them.
+  const int n_plain =
+      min(n_blocks, min(p.n_k / BN, p.causal ? max(0, m0 + offset + 1) / BN : n_blocks));
+  for (int j = 0; j < n_plain; ++j) key_block(j, std::false_type{});
+  for (int j = n_plain; j < n_blocks; ++j) key_block(j, std::true_type{});
   cp_async_wait<0>();
 
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.heads_q + h) * p.n_q * D;
