@@ -389,6 +389,8 @@ CPU_OP_BAD = [
     (dict(k=torch.randn(2, 2, 7, 16)), r"attention_fwd: k must have shape \(1, 2, 7, 16\) \(q's batch and head dim\)"),
     (dict(k=torch.randn(1, 2, 7, 16).double()), r"attention_fwd: k must be float32 or bfloat16, got Double"),
     (dict(scale=0.0), "attention_fwd: scale must be finite and > 0"),
+    (dict(scale=1e-46), "attention_fwd: scale must be finite and > 0 in float32"),  # 0 as a float
+    (dict(scale=3e38), r"attention_fwd: scale must be finite and > 0 in float32 \(also times log2\(e\)\)"),
     (dict(lse=torch.zeros(1, 4, 6)), r"attention_bwd: lse must have shape \(1, 4, 5\)"),
     (dict(dlse=torch.zeros(1, 4, 5, dtype=torch.float64)), "attention_bwd: dlse must be float32, got Double"),
     (dict(dout=torch.randn(1, 4, 5, 16).bfloat16()), "attention_bwd: dout must have dtype Float .*, got BFloat16"),

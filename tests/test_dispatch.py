@@ -47,6 +47,7 @@ ATTN_BAD = [
     (dict(scale=float("inf")), TypeError, "attention: scale must be a finite number, got inf"),
     (dict(scale=-1.0), ValueError, "attention: scale must be > 0 or None, got -1.0"),
     (dict(scale=1e39), ValueError, "attention: scale must be 0 or of magnitude within float32's normal range"),
+    (dict(scale=3e38), ValueError, r"attention: scale \* log2\(e\) must fit in float32 \(at most 2.359e\+38\)"),
     (dict(causal=None), TypeError, "attention: causal must be True or False, got None"),
 ])
 def test_attention_bad_options(kw, exc, msg):

@@ -247,8 +247,8 @@ __device__ __forceinline__ void to_a_frags(const float (&s)[K / 8][4], uint32_t 
 
 // 2^x on the special-function unit (ex2.approx.ftz.f32), what exp2f becomes under --use_fast_math.
 // Plain exp2f adds a range test and two multiplies per call so that results below 2^-126 come out
-// subnormal instead of 0; a softmax weight that small (against the row max's 1) is 0 once rounded to
-// the 16-bit P anyway. NaN stays NaN, -inf gives 0.
+// subnormal instead of 0; a softmax weight that small, against the row max's weight of 1, changes
+// neither l nor the P V sums in float32. NaN stays NaN, -inf gives 0, 0 gives 1 exactly.
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

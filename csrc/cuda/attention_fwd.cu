@@ -7,14 +7,15 @@
 // warps): with kMT = 1 (64-row blocks) the H200 run of 2026-11-29 had this forward at 0.76x SDPA's
 // flash backend, bound by ldmatrix traffic. Over key blocks j of BN keys, in float32:
 //
-//   s   = q k_j^T,  c = scale * log2(e)      base 2: exp2 instead of exp, the scale folded in
-//   m'  = max(m, c rowmax s);  p = exp2(c s - m') (one FFMA);  alpha = exp2(m - m')
+//   s   = q k_j^T,  c = scale * log2(e)      base 2: exp2 instead of exp, the scale applied after the shift
+//   m'  = max(m, rowmax s);  p = exp2((s - m') c);  alpha = exp2((m - m') c)
 //   l   = alpha l + rowsum p;  o = alpha o + p v_j   (p rounded to T for the tensor cores)
-//   out = o / l;  lse = (m + log2 l) ln 2
+//   out = o / l;  lse = (c m + log2 l) ln 2
 //
-// c > 0 and rounding is monotone, so c rowmax s is the max of the rounded c s. A row whose keys are all
-// masked so far keeps m = -inf and shifts by 0 instead (p = alpha = 0, never NaN); if it never sees a
-// key it stores out = 0 and lse = -inf. o *= alpha is skipped for a warp's row tile when no lane's
+// The max stays in the raw scores' units so that the row max's p is exactly 1 (FlashAttention-2's
+// single FMA, exp2(c s - round(c m')), leaves p = 2^(the rounding error of c m'), which reaches 2^31
+// and more for scores around 1e9). A row whose keys are all masked so far keeps m = -inf and shifts
+// by 0 instead (p = alpha = 0, never NaN); if it never sees a key it stores out = 0 and lse = -inf. o *= alpha is skipped for a warp's row tile when no lane's
 // alpha differs from 1 (no row's max moved: the same bits), which after the first key blocks is most.
 // Causal (query i sees key j iff j <= i + Nk - Nq): the key loop stops after the last key the
 // block's last row sees, so blocks above the diagonal are never loaded. The mask is a separate
@@ -123,15 +124,15 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
         float mx = -INFINITY;
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[i][n][2 * r], s[i][n][2 * r + 1]));
-        const float m_new = fmaxf(m[i][r], quad_max(mx) * p.scale_log2);
+        const float m_new = fmaxf(m[i][r], quad_max(mx));
         const float shift = m_new == -INFINITY ? 0.f : m_new;
-        alpha[r] = exp2_approx(m[i][r] - shift);
+        alpha[r] = exp2_approx((m[i][r] - shift) * p.scale_log2);
         m[i][r] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) {
-          s[i][n][2 * r] = exp2_approx(fmaf(s[i][n][2 * r], p.scale_log2, -shift));
-          s[i][n][2 * r + 1] = exp2_approx(fmaf(s[i][n][2 * r + 1], p.scale_log2, -shift));
+          s[i][n][2 * r] = exp2_approx((s[i][n][2 * r] - shift) * p.scale_log2);
+          s[i][n][2 * r + 1] = exp2_approx((s[i][n][2 * r + 1] - shift) * p.scale_log2);
           sum += s[i][n][2 * r] + s[i][n][2 * r + 1];
         }
         l[i][r] = l[i][r] * alpha[r] + sum;  // this lane's columns only; summed over the quad at the end
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) attention_fwd_kernel(con
       const int row = row0 + 16 * i + 8 * r;
       if (t == 0 && row < p.n_q) {
         p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * p.n_q + row] =
-            sum > 0.f ? (m[i][r] + log2f(sum)) * kLn2 : -INFINITY;
+            sum > 0.f ? (m[i][r] * p.scale_log2 + log2f(sum)) * kLn2 : -INFINITY;
       }
     }
     store_rows<T, D>(out, o[i], m0 + 16 * (MT * warp + i), p.n_q, inv[0], inv[1], lane);

@@ -69,7 +69,10 @@ cpu::AttentionShape check_qkv(const char* op, const Tensor& q, const Tensor& k, 
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": q heads (", std::to_string(hq), ") must be a multiple of k/v heads (",
               std::to_string(hkv), ")");
   TORCH_CHECK(q.size(3) > 0, op, ": q must have a head dim of at least 1, got shape ", shape_str(q.sizes()));
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", std::to_string(scale));
+  // The kernels take scale (and scale * log2(e)) as float: both must stay finite and above 0 there.
+  const float scale_f = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(scale) && scale_f > 0 && std::isfinite(scale_f * 1.4426950408889634f), op,
+              ": scale must be finite and > 0 in float32 (also times log2(e)), got ", std::to_string(scale));
   return {q.size(0), hq, hkv, q.size(2), k.size(2), q.size(3)};
 }
 

@@ -80,7 +80,10 @@ kernels::AttentionDims check_qkv(const char* op, const Tensor& q, const Tensor& 
               std::to_string(hkv), ")");
   TORCH_CHECK(kernels::attention_head_dim_supported(d), op, ": backend 'cuda' takes head dims ",
               kernels::kAttentionHeadDimsText, "; got ", std::to_string(d), " (backend='triton' covers it)");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", std::to_string(scale));
+  // The kernels take scale and scale * log2(e) as float: both must stay finite and above 0 there.
+  const float scale_f = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(scale) && scale_f > 0 && std::isfinite(scale_f * 1.4426950408889634f), op,
+              ": scale must be finite and > 0 in float32 (also times log2(e)), got ", std::to_string(scale));
   TORCH_CHECK(q.size(0) <= 65535 && hq <= 65535, op, ": batch and heads must be <= 65535, got q of shape ",
               shape_str(q.sizes()));
   TORCH_CHECK(q.size(2) < (int64_t{1} << 30) && k.size(2) < (int64_t{1} << 30), op,

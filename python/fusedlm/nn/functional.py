@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from fusedlm import dispatch
-from fusedlm.ops.attention import MAX_HEAD_DIM, MIN_TRITON_HEAD_DIM, OP, attention
-from fusedlm.validation import FLOAT32_MAX, FLOAT32_TINY
+from fusedlm.ops.attention import MAX_HEAD_DIM, MAX_SCALE, MIN_TRITON_HEAD_DIM, OP, attention
+from fusedlm.validation import FLOAT32_TINY
 
 
 def _kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
@@ -25,7 +25,7 @@ def _kernel_takes(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return False
     if is_causal and nq != nk:  # torch's causal mask is aligned top-left, fusedlm's bottom-right
         return False
-    if scale is not None and not (isinstance(scale, (int, float)) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
+    if scale is not None and not (isinstance(scale, (int, float)) and FLOAT32_TINY <= scale <= MAX_SCALE):
         return False
     chosen = dispatch.resolve(OP, "auto", query.device, native_op="attention_fwd", triton=True,
                               dtype=query.dtype)
@@ -44,7 +44,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     - Hq == Hkv, or enable_gqa=True with Hq % Hkv == 0 (grouped-query attention without repeating k, v);
     - is_causal only with Nq == Nk: torch aligns the causal mask top-left (query i sees keys j <= i),
       fusedlm bottom-right (j <= i + Nk - Nq); the two agree when Nq == Nk;
-    - scale None or a positive number in float32's normal range.
+    - scale None or a positive number in float32's normal range whose product with log2(e) fits float32.
 
     Anything else goes to torch's function unchanged, errors included, so this is a drop-in
     replacement (e.g. `torch.nn.functional.scaled_dot_product_attention = this` in a model's module).

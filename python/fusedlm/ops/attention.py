@@ -45,12 +45,14 @@ import torch
 
 from fusedlm import dispatch, reference
 from fusedlm.ops import autograd
-from fusedlm.validation import check_flag, check_number, check_same, check_tensor, fmt_shape
+from fusedlm.validation import FLOAT32_MAX, check_flag, check_number, check_same, check_tensor, fmt_shape
 
 OP = "attention"
 MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (64, 80, 96, 128)  # the head dims csrc/cuda/attention_*.cu specialise
 MIN_TRITON_HEAD_DIM = 16  # the smallest tl.dot tile (the C++ CPU kernel takes any head dim)
+# The kernels' base-2 exponent, scale * log2(e), is a float32: the largest scale it holds.
+MAX_SCALE = FLOAT32_MAX / math.log2(math.e)
 
 
 # --- Triton custom ops --------------------------------------------------------------------
@@ -150,6 +152,8 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, backend="a
         check_number(OP, "scale", scale, float32=True)
         if not scale > 0:
             raise ValueError(f"{OP}: scale must be > 0 or None, got {scale}")
+        if scale > MAX_SCALE:
+            raise ValueError(f"{OP}: scale * log2(e) must fit in float32 (at most {MAX_SCALE:.4g}), got {scale}")
     chosen = dispatch.resolve(OP, backend, q.device, native_op="attention_fwd", triton=True, dtype=q.dtype)
     if chosen == "reference":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
