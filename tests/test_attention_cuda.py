@@ -142,24 +142,6 @@ def test_backward_is_deterministic():
             assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("dtype,value", [(torch.float16, 6832.0), (torch.bfloat16, 13824.0), (torch.bfloat16, 19840.0)],
-                         ids=["fp16", "bf16", "bf16-larger"])
-def test_forward_huge_equal_scores(dtype, value):
-    """Every score 64 value^2 (3e9 to 2.5e10): softmax is uniform, so out is the mean of the keys' v. The
-    row max's weight must be exactly 1: FlashAttention-2's single FMA, exp2(c s - round(c m)), gives it
-    2^(c m's rounding error) here (2^32, or 2^-127), an inf or empty P."""
-    fwd, _ = _ops()
-    q = torch.full((1, 2, 97, 64), value, dtype=dtype, device=DEV)
-    k = torch.full((1, 2, 130, 64), value, dtype=dtype, device=DEV)
-    v = torch.randn(1, 2, 130, 64, device=DEV).to(dtype)
-    for causal in (False, True):
-        out, lse = fwd(q, k, v, causal, 0.125)
-        ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=causal, scale=0.125,
-                                           return_lse=True)
-        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(lse.double(), ref_lse, atol=0.0, rtol=1e-6)
-
-
 def test_empty_and_keyless_inputs():
     """Nq = 0 gives empty outputs and zero dK, dV; with causal and Nq > Nk + 64 whole query blocks see no key."""
     fwd, bwd = _ops()
