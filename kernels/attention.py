@@ -6,10 +6,10 @@ else it is copied once); out, lse and the gradients are allocated contiguous.
 
 Forward, per (batch, query head, BLOCK_M query rows), over BLOCK_N key blocks j, in float32:
 
-    s    = q k_j^T * scale * log2(e)                  base-2 scores: exp2 instead of exp, one multiply
-    m'   = max(m, rowmax(s));  p = exp2(s - m');  alpha = exp2(m - m')
+    s    = q k_j^T,  c = scale * log2(e)              base 2: exp2 instead of exp
+    m'   = max(m, rowmax(s));  p = exp2((s - m') c);  alpha = exp2((m - m') c)
     l    = alpha * l + rowsum(p);  acc = alpha * acc + p v_j
-    out  = acc / l;  lse = (m + log2(l)) * ln(2)       natural-log lse, (B, Hq, Nq) float32
+    out  = acc / l;  lse = (c m + log2(l)) * ln(2)     natural-log lse, (B, Hq, Nq) float32
 
 Causal (bottom-right aligned: query i sees key j iff j <= i + Nk - Nq): the key loop of a query block
 stops at the last key its last row sees (blocks above the diagonal are never loaded), and only the
@@ -77,16 +77,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_vn, offs_m
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
         if MASKED:
             visible = (offs_n < n_k)[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
             s = tl.where(visible, s, float("-inf"))
+        # The max in the raw scores' units, the scale applied after the shift: the row max's p is exactly 1.
+        # (s * qk_scale - m, which LLVM fuses into one FMA, gives it 2^(the rounding error of m), inf or 0
+        # for scores around 1e9.)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2(-inf - 0) = 0
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2(-inf) = 0
+        p = tl.math.exp2((s - m_shift[:, None]) * qk_scale)
+        alpha = tl.math.exp2((m_i - m_shift) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -139,7 +141,8 @@ def _attn_fwd_kernel(
                                     full_end, end, n_q, n_k, qk_scale, CAUSAL, True, BLOCK_N, IEEE)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i * qk_scale + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
     tl.store(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(O_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
     tl.store(LSE_ptr + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=row_mask)
