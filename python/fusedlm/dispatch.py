@@ -25,12 +25,13 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 # Which GPU backend "auto" takes per op, in order of preference, for CUDA tensors: kernels that
 # passed their tests on an H200 (benchmarks/gpu_check.sh of 2026-11-30, every GPU test passing; numbers
-# in benchmarks/RESULTS.md), the faster first (bf16 forward+backward at the suite's GPU shapes).
-# layer_norm: CUDA C++ (3.7-5.0x Triton at 8192 x 768; at 32768 x 4096 from 0.92x to 1.28x of it).
-# attention: Triton (1.2-1.5x the CUDA C++ kernels, and every head dim 16..256 where those take 64-128). layernorm_mlp: CUDA C++
-# (1.6-1.7x Triton). linear_cross_entropy: CUDA C++ (1.02x Triton at 8192 x 768 x 50304, 1.17x at
-# 16384 x 2048 x 128256). lm_head_softmax: Triton (1.5-1.8x CUDA at 1 and 64 rows, the generation
-# case; CUDA is 1.9x Triton at 4096 rows).
+# in benchmarks/RESULTS.md), the faster first (bf16 forward+backward at the suite's GPU shapes):
+#   layer_norm: CUDA C++ (3.7-5.0x Triton at 8192 x 768; at 32768 x 4096 from 0.92x to 1.28x of it);
+#   attention: Triton (1.2-1.5x the CUDA C++ kernels; every head dim 16..256, where those take 64-128);
+#   layernorm_mlp: CUDA C++ (1.6-1.7x Triton);
+#   linear_cross_entropy: CUDA C++ (1.02x Triton at 8192 x 768 x 50304, 1.17x at 16384 x 2048 x 128256);
+#   lm_head_softmax: Triton (1.5-1.8x CUDA at 1 and 64 rows, the generation case; CUDA is 1.9x Triton
+#   at 4096 rows).
 AUTO_GPU = {
     "layer_norm": ("cuda", "triton"),
     "attention": ("triton",),
