@@ -15,23 +15,15 @@ for every provider); saved MB counts every tensor autograd keeps, weights includ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import fusedlm
 from fusedlm import dispatch, reference
 
-from .harness import Case, Inputs, Provider, float32_cases
+from .harness import Case, Inputs, Provider, Variant, float32_cases
 
 OP = "gpt"
 TITLE = "gpt (fusedlm.GPT, a training step of the whole model)"
-
-
-@dataclass(frozen=True)
-class Variant:
-    baseline: str
-    title: str
 
 
 VARIANTS = {

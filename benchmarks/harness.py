@@ -43,6 +43,14 @@ CHECK_TOL = {"float32": 1e-3, "bfloat16": 8e-2, "float16": 1e-2}
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A benchmark variant whose only settings are its baseline provider and its title (ops with more
+    settings, attention's causal flag or layer_norm's norm, define their own)."""
+    baseline: str
+    title: str
+
+
+@dataclass(frozen=True)
 class Case:
     op: str
     variant: str

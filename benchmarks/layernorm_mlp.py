@@ -26,7 +26,6 @@ gradients. The op is GEMM-bound; GB/s is for comparison between providers only.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +33,12 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import dispatch
 
-from .harness import Case, Inputs, Provider
+from .harness import Case, Inputs, Provider, Variant
 
 OP = "layernorm_mlp"
 TITLE = "layernorm_mlp (fusedlm.layernorm_mlp)"
 EPS = 1e-5
 ACTIVATION = "gelu_tanh"
-
-
-@dataclass(frozen=True)
-class Variant:
-    baseline: str
-    title: str
 
 
 VARIANTS = {

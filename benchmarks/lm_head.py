@@ -14,25 +14,17 @@ W (the GEMM does 2 N V d flops on V d weights: N flops per weight byte-pair); a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 import fusedlm
 from fusedlm import dispatch
 
-from .harness import Case, Inputs, Provider, float32_cases
+from .harness import Case, Inputs, Provider, Variant, float32_cases
 
 OP = "lm_head"
 TITLE = "lm_head (fusedlm.lm_head_softmax, forward only)"
 TEMPERATURE = 0.8
-
-
-@dataclass(frozen=True)
-class Variant:
-    baseline: str
-    title: str
 
 
 VARIANTS = {

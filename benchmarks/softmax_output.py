@@ -18,7 +18,6 @@ GEMM-bound: 2NVd flops per GEMM).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +25,10 @@ import torch.nn.functional as F
 import fusedlm
 from fusedlm import dispatch
 
-from .harness import Case, Inputs, Provider, float32_cases
+from .harness import Case, Inputs, Provider, Variant, float32_cases
 
 OP = "softmax_output"
 TITLE = "softmax_output (fusedlm.linear_cross_entropy)"
-
-
-@dataclass(frozen=True)
-class Variant:
-    baseline: str
-    title: str
 
 
 VARIANTS = {
