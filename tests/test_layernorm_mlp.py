@@ -219,6 +219,51 @@ def test_layernorm_mlp_cpu_nan_propagates(monkeypatch, path, dtype, activation):
     torch.testing.assert_close(y[keep].double(), ref[keep], rtol=5e-2, atol=5e-2)
 
 
+def _check_huge_pre_activations(backend, dtype, activation):
+    """Pre-activations up to about 1e20 in magnitude, where u^2 overflows float32: y and every
+    gradient stay finite and match the float64 reference (gelu_tanh's f'(u) had 0 * inf = NaN
+    there)."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(1)
+    d, h = 16, 40
+    scales = torch.logspace(0, 20, h, dtype=torch.float64).unsqueeze(1)  # row j of fc_weight ~ 10^(20 j / (h - 1))
+    f64 = dict(generator=g, dtype=torch.float64)
+    tensors = {"x": torch.randn(23, d, **f64), "norm_weight": torch.ones(d, dtype=torch.float64),
+               "norm_bias": torch.zeros(d, dtype=torch.float64), "fc_weight": torch.randn(h, d, **f64) * scales / d,
+               "fc_bias": torch.randn(h, **f64), "proj_weight": torch.randn(d, h, **f64) / scales.T / h,
+               "proj_bias": torch.randn(d, **f64)}
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    gy = torch.randn(23, d, **f64).to(device)
+    y, grads = _run(fusedlm.layernorm_mlp, tensors, gy, activation=activation, backend=backend)
+    y64, grads64 = _run(reference.layernorm_mlp, {k: v.double() for k, v in tensors.items()}, gy,
+                        activation=activation)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, a64 in zip(("y",) + GRAD_NAMES, [y] + grads, [y64] + grads64):
+        assert torch.isfinite(a).all(), f"{name} is not finite"
+        # relative to each tensor's largest entry: its columns span 20 orders of magnitude
+        assert (a.double() - a64).abs().max() <= tol * a64.abs().max(), name
+
+
+# The gated activations are left out: their f(a) * b overflows float32 itself at these magnitudes.
+UNGATED = [a for a in ACTIVATIONS if a not in GATED]
+
+
+@pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("activation", UNGATED)
+def test_layernorm_mlp_cpu_huge_pre_activations(monkeypatch, path, dtype, activation):
+    _require_cpu_kernel()
+    _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
+    _check_huge_pre_activations("cpu", dtype, activation)
+
+
+@pytest.mark.parametrize("backend", backend_params(cpu=False))
+@pytest.mark.parametrize("activation", UNGATED)
+def test_layernorm_mlp_gpu_huge_pre_activations(backend, activation):
+    for dtype in [torch.float32] + ([torch.bfloat16] if HAS_GPU else []):
+        _check_huge_pre_activations(backend, dtype, activation)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_layernorm_mlp_cpu_bf16_conversions_agree(monkeypatch, activation):
     """bf16 through vcvtneps2bf16 (avx512_bf16) and through the integer rounding (bit-exact with

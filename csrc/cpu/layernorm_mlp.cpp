@@ -53,12 +53,16 @@ inline void store_bits(bf16* p, float v) {
   p->bits = std::isnan(v) ? uint16_t(0x7fc0) : uint16_t(u >> 16);
 }
 
-inline float vexp(float x) { return std::exp(x); }
+// exp and 2^x saturate below FLT_MAX, as avx512::exp16 does (NaN kept): terms() forms e * sigmoid.
+inline float vexp(float x) { return std::exp(x > 88.7f ? 88.7f : x); }
+inline float vexp2_lowp(float x) { return std::exp2(x > 127.0f ? 127.0f : x); }
+inline float vrcp_lowp(float x) { return 1.0f / x; }
 inline float vabs(float x) { return std::fabs(x); }
 inline float vrelu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN kept, as torch.relu
 inline float vstep(float x) { return x > 0.0f ? 1.0f : 0.0f; }
 inline float vsign_of(float u, float v) { return u < 0.0f ? -v : v; }
 inline float vrcp(float x) { return 1.0f / x; }
+inline float vclamp_abs(float x, float c) { return std::fabs(x) > c ? std::copysign(c, x) : x; }
 
 struct ScalarIsa {
   using V = float;
@@ -177,7 +181,13 @@ void act_bwd_typed(const MlpActBwdArgs& a) {
 }
 
 template <typename T>
-void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int num_threads) {
+void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, Isa isa, int num_threads) {
+  mlp::SumColsFn fn = mlp::sum_cols<mlp::ScalarIsa, T>;
+#if FUSEDLM_X86
+  if (isa == Isa::Avx512) fn = mlp::avx512_sum_cols<T>();
+#else
+  (void)isa;
+#endif
   const int nt = threads_for(num_threads, rows * cols, cols);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int t = 0; t < nt; ++t) {
@@ -185,10 +195,7 @@ void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, int nu
     column_range(cols, nt, t, &c0, &c1);
     if (c0 >= c1) continue;
     std::vector<float> s(c1 - c0, 0.0f);
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* row = x + i * cols;
-      for (int64_t j = c0; j < c1; ++j) s[j - c0] += mlp::to_float(row[j]);
-    }
+    fn(x, rows, cols, c0, c1, s.data());
     for (int64_t j = c0; j < c1; ++j) acc[j] += s[j - c0];
   }
 }
@@ -264,9 +271,9 @@ void mlp_act_bwd(const MlpActBwdArgs& args) {
   act_bwd_typed<float>(args);
 }
 
-void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads) {
-  if (dtype == DType::BFloat16) return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, num_threads);
-  column_sum_typed(static_cast<const float*>(x), rows, cols, acc, num_threads);
+void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, Isa isa, int num_threads) {
+  if (dtype == DType::BFloat16) return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, isa, num_threads);
+  column_sum_typed(static_cast<const float*>(x), rows, cols, acc, isa, num_threads);
 }
 
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,

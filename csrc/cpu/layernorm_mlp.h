@@ -64,7 +64,7 @@ void mlp_act_bwd(const MlpActBwdArgs& args);
 
 // acc[j] += sum_i x[i, j] over a (rows, cols) block, in fp32, in row order per column (the proj
 // bias gradient, sum of d(y)); deterministic for any thread count.
-void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, int num_threads);
+void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, Isa isa, int num_threads);
 
 // The bf16 weight-gradient GEMM results x0 (n0 elements) and x1 (n1) of one token block folded
 // into their fp32 sums acc0, acc1, in one parallel region. First: acc = x; Middle: acc += x;

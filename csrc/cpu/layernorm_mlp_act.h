@@ -10,10 +10,13 @@
 // rounded to T; add_to(float*, V, Mask) (+= into fp32 column sums). The math functions,
 // overloaded on V, must be declared before this header is included (V is no class, so the
 // templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep, vsign_of(u, v) (v >= 0
-// with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp).
+// with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp), vclamp_abs(x, c) (x clamped
+// to [-c, c], NaN kept), and the two that bf16 results take (their error, below 2^-13 relative,
+// is far under bf16's half ulp of 2^-9): vexp2_lowp(x) (2^x) and vrcp_lowp(x) (1 / x, x >= 1).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/layer_norm_rows.h"
 #include "cpu/layernorm_mlp.h"
@@ -38,12 +41,18 @@ struct ActCols {
 using FwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1);
 using BwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1, float* cs);
 
+// cs[j - c0] += sum_i x[i, j] over columns [c0, c1) of a (rows, cols) block, in fp32, in row order
+// per column (the same bits in every instance).
+using SumColsFn = void (*)(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, float* cs);
+
 #if FUSEDLM_X86
 // The AVX-512 instances (layernorm_mlp_avx512.cpp), for T = float and rows::bf16.
 template <typename T>
 FwdColsFn avx512_fwd_cols(Activation a);
 template <typename T>
 BwdColsFn avx512_bwd_cols(Activation a);
+template <typename T>
+SumColsFn avx512_sum_cols();
 // The bf16 instances with vcvtneps2bf16 (layernorm_mlp_avx512_bf16.cpp), for CPUs with avx512_bf16.
 FwdColsFn avx512_bf16_fwd_cols(Activation a);
 BwdColsFn avx512_bf16_bwd_cols(Activation a);
@@ -56,34 +65,60 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 pi)
 constexpr float kTanhK = 0.79788456080286536f;        // sqrt(2 / pi)
 constexpr float kTanhC = 0.044715f;
 
+// terms()' exp and 1 / x: the exact ones, or the bf16 ones (kLowp; exp in base 2).
+template <bool kLowp, class V>
+inline __attribute__((always_inline)) V exp_or_exp2_lowp(V x) {
+  if constexpr (kLowp) return vexp2_lowp(x);
+  else return vexp(x);
+}
+template <bool kLowp, class V>
+inline __attribute__((always_inline)) V rcp_or_rcp_lowp(V x) {
+  if constexpr (kLowp) return vrcp_lowp(x);
+  else return vrcp(x);
+}
+
 // f(u) and f'(u) of the elementwise activation (the gate of the gated ones). With inlining, a
-// caller that only uses f drops the derivative's arithmetic.
-template <Activation A, class V>
+// caller that only uses f drops the derivative's arithmetic. kLowp (bf16 elements): exp and 1 / x
+// to about 2^-14 relative (vexp2_lowp, vrcp_lowp) instead of to an ulp: about a third fewer vector
+// instructions in these compute-bound passes; the fp32 instances keep the exact ones. Either
+// way 1 - sigmoid(z) is computed as e sigmoid(z) (e = exp(-z)), free of cancellation as s -> 1.
+template <Activation A, bool kLowp, class V>
 inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
+  // exp(x) = 2^(x log2 e) on the lowp path, whose callers fold log2 e (kL) into their constants.
+  constexpr float kL = kLowp ? 1.44269504088896341f : 1.0f;
   if constexpr (A == Activation::Gelu || A == Activation::Geglu) {
     // Phi(u) = (1 + erf(u / sqrt 2)) / 2; erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7, the
     // same formula as ATen's vectorised erf), whose exp(-z^2) is also phi's exp(-u^2 / 2).
-    const V e = vexp(u * u * -0.5f);
+    const V e = exp_or_exp2_lowp<kLowp>(u * u * (-0.5f * kL));
     const V z = vabs(u) * kSqrt1_2;
-    const V t = vrcp(1.0f + 0.3275911f * z);
+    const V t = rcp_or_rcp_lowp<kLowp>(1.0f + 0.3275911f * z);
     const V poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
     const V erf = vsign_of(u, 1.0f - poly * e);
     const V phi_cdf = 0.5f + 0.5f * erf;
     *f = u * phi_cdf;
     *df = phi_cdf + u * e * kInvSqrt2Pi;
   } else if constexpr (A == Activation::GeluTanh) {
-    // 0.5 (1 + tanh(y)) = sigmoid(2 y): no cancellation near 0, one exp.
+    // 0.5 (1 + tanh(z / 2)) = s = sigmoid(z), z = 2 k (u + c u^3): no cancellation near 0, one exp;
+    // e = exp(-z) = exp_or_exp2_lowp(u (a + b u^2)) with a = -2 k kL, b = c a.
+    constexpr float kA = -2.0f * kTanhK * kL, kB = kTanhC * kA;
     const V u2 = u * u;
-    const V s = vrcp(1.0f + vexp(u * (1.0f + kTanhC * u2) * (-2.0f * kTanhK)));
+    const V e = exp_or_exp2_lowp<kLowp>(u * (kA + kB * u2));
+    const V s = rcp_or_rcp_lowp<kLowp>(1.0f + e);
     *f = u * s;
-    *df = s + (2.0f * kTanhK) * u * s * (1.0f - s) * (1.0f + (3.0f * kTanhC) * u2);
+    // f' = s + t, t = u s (1 - s) z', z' = 2 k (1 + 3 c u^2), 1 - s = e s. t is below 1e-30 for
+    // |u| >= 10 (z >= 87), and is taken at u clamped to [-20, 20]: at larger |u| the saturated exp
+    // (e at most about 3e38, s about 3e-39 rather than 0) would leave t = u * 3e-39 * z' = O(u^3 /
+    // 1e39), or 0 * inf = NaN once u^2 overflows.
+    const V uc = vclamp_abs(u, 20.0f);
+    *df = s + uc * (e * s) * s * ((2.0f * kTanhK) + (6.0f * kTanhK * kTanhC) * (uc * uc));
   } else if constexpr (A == Activation::Relu) {
     *f = vrelu(u);
     *df = vstep(u);
   } else {  // Silu, Swiglu
-    const V s = vrcp(1.0f + vexp(-u));
+    const V e = exp_or_exp2_lowp<kLowp>(u * -kL);
+    const V s = rcp_or_rcp_lowp<kLowp>(1.0f + e);
     *f = u * s;
-    *df = s * (1.0f + u * (1.0f - s));
+    *df = s * (1.0f + u * (e * s));  // s (1 + u (1 - s))
   }
 }
 
@@ -101,7 +136,7 @@ void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
       V a = K::load(pre + j, m);
       if (p.bias != nullptr) a = K::store(pre + j, a + K::loadf(p.bias + j, m), m);
       V f, df;
-      terms<A>(a, &f, &df);
+      terms<A, std::is_same_v<T, rows::bf16>>(a, &f, &df);
       if constexpr (kGated) {
         V b = K::load(pre + p.h + j, m);
         if (p.bias != nullptr) b = K::store(pre + p.h + j, b + K::loadf(p.bias + p.h + j, m), m);
@@ -133,7 +168,7 @@ void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
       if (p.bias != nullptr) a = K::round(pre, a + K::loadf(p.bias + j, m));
       const V g = K::load(act + j, m);
       V f, df;
-      terms<A>(a, &f, &df);
+      terms<A, std::is_same_v<T, rows::bf16>>(a, &f, &df);
       if constexpr (kGated) {
         V b = K::load(pre + p.h + j, m);
         if (p.bias != nullptr) b = K::round(pre, b + K::loadf(p.bias + p.h + j, m));
@@ -151,6 +186,17 @@ void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
         K::store(dpre + j, da, m);
         if (cs != nullptr) K::add_to(cs + (j - c0), da, m);
       }
+    }
+  }
+}
+
+template <class K, typename T>
+void sum_cols(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, float* cs) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = static_cast<const T*>(x) + i * cols;
+    for (int64_t j = c0; j < c1; j += K::W) {
+      const auto m = K::mask(c1 - j);
+      K::add_to(cs + (j - c0), K::load(row + j, m), m);
     }
   }
 }

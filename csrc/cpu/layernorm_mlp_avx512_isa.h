@@ -34,6 +34,8 @@ FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(_mm512_setzero_ps()
 FUSEDLM_INLINE __m512 vstep(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f));
 }
+// x clamped to [-c, c] in one vrangeps (imm 0b0010: the smaller magnitude, x's sign); NaN kept
+FUSEDLM_INLINE __m512 vclamp_abs(__m512 x, float c) { return _mm512_range_ps(x, _mm512_set1_ps(c), 0x02); }
 FUSEDLM_INLINE __m512 vsign_of(__m512 u, __m512 v) {
   return _mm512_mask_sub_ps(v, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), v);
 }
@@ -48,6 +50,23 @@ FUSEDLM_INLINE __m512 vrcp(__m512 x) {
   const __m512 r = _mm512_rcp14_ps(x);
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
 }
+
+// 2^x to 2.7e-6 relative for results rounded to bf16 (terms' kLowp): x = n + f, |f| <= 1/2, 2^f by a
+// degree-4 polynomial (a relative-error fit on [-1/2, 1/2]), scaled by 2^n. x is clamped to
+// [-150, 127] (NaN kept), so the result is finite: 0 below 2^-150, at most 2^127 * 1.42.
+FUSEDLM_INLINE __m512 vexp2_lowp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(0x1.399744p-7f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ca1444p-5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ec06dep-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e0dcp-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ffffe8p-1f));
+  return _mm512_scalef_ps(p, n);
+}
+// 1 / x to 2^-14 relative (rcp14's estimate alone), for results rounded to bf16.
+FUSEDLM_INLINE __m512 vrcp_lowp(__m512 x) { return _mm512_rcp14_ps(x); }
 
 using avx512::bf16_bits_to_ps;
 #if defined(FUSEDLM_AVX512_REGION_BF16)

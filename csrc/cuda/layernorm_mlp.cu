@@ -40,7 +40,10 @@ __device__ __forceinline__ void terms(float u, float* f, float* df) {
     const float u2 = u * u;
     const float s = 1.0f / (1.0f + __expf(-2.0f * kTanhK * u * (1.0f + kTanhC * u2)));
     *f = u * s;
-    *df = s + 2.0f * kTanhK * u * s * (1.0f - s) * (1.0f + 3.0f * kTanhC * u2);
+    // f' = s + 2 k u s (1 - s) (1 + 3 c u^2), the second term taken at u clamped to [-20, 20]: it is
+    // exactly 0 there for |u| >= 20 (s is 0 or 1), and u^2 = inf (|u| > 1.8e19) made it 0 * inf = NaN.
+    const float uc = fminf(fmaxf(u, -20.0f), 20.0f);
+    *df = s + 2.0f * kTanhK * uc * s * (1.0f - s) * (1.0f + 3.0f * kTanhC * uc * uc);
   } else if constexpr (A == Activation::Relu) {
     *f = u < 0.0f ? 0.0f : u;  // NaN kept, as torch.relu
     *df = u > 0.0f ? 1.0f : 0.0f;

@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     lb.num_threads = nt;
     cpu::layer_norm_bwd(lb);
   }
-  if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), nt);
+  if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), isa, nt);
   const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
   // dfc_w and dproj_w are already in x's dtype: out() returns them without a copy
   return {dx, out(dnorm_w), out(dnorm_b), out(dfc_w), out(dfc_b), out(dproj_w), out(dproj_b)};
