@@ -56,6 +56,7 @@ inline void store_bits(bf16* p, float v) {
 // exp and 2^x saturate below FLT_MAX, as avx512::exp16 does (NaN kept): terms() forms e * sigmoid.
 inline float vexp(float x) { return std::exp(x > 88.7f ? 88.7f : x); }
 inline float vexp2_lowp(float x) { return std::exp2(x > 127.0f ? 127.0f : x); }
+inline float vexp2_lowp_within_126(float x) { return std::exp2(x); }
 inline float vrcp_lowp(float x) { return 1.0f / x; }
 inline float vabs(float x) { return std::fabs(x); }
 inline float vrelu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN kept, as torch.relu

@@ -51,11 +51,9 @@ FUSEDLM_INLINE __m512 vrcp(__m512 x) {
   return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
 }
 
-// 2^x to 2.7e-6 relative for results rounded to bf16 (terms' kLowp): x = n + f, |f| <= 1/2, 2^f by a
-// degree-4 polynomial (a relative-error fit on [-1/2, 1/2]), scaled by 2^n. x is clamped to
-// [-150, 127] (NaN kept), so the result is finite: 0 below 2^-150, at most 2^127 * 1.42.
-FUSEDLM_INLINE __m512 vexp2_lowp(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x));
+// 2^x to 2.7e-6 relative for results rounded to bf16 (terms' kLowp), |x| <= 126: x = n + f,
+// |f| <= 1/2, 2^f by a degree-4 polynomial (a relative-error fit on [-1/2, 1/2]), scaled by 2^n.
+FUSEDLM_INLINE __m512 vexp2_lowp_within_126(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(0x1.399744p-7f);
@@ -64,6 +62,11 @@ FUSEDLM_INLINE __m512 vexp2_lowp(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e0dcp-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ffffe8p-1f));
   return _mm512_scalef_ps(p, n);
+}
+// The same for any x, clamped to [-150, 127] first (NaN kept), so the result is finite: 0 below
+// 2^-150, at most 2^127 * 1.42.
+FUSEDLM_INLINE __m512 vexp2_lowp(__m512 x) {
+  return vexp2_lowp_within_126(_mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), x)));
 }
 // 1 / x to 2^-14 relative (rcp14's estimate alone), for results rounded to bf16.
 FUSEDLM_INLINE __m512 vrcp_lowp(__m512 x) { return _mm512_rcp14_ps(x); }
