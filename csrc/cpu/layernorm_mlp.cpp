@@ -273,7 +273,9 @@ void mlp_act_bwd(const MlpActBwdArgs& args) {
 }
 
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, Isa isa, int num_threads) {
-  if (dtype == DType::BFloat16) return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, isa, num_threads);
+  if (dtype == DType::BFloat16) {
+    return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, isa, num_threads);
+  }
   column_sum_typed(static_cast<const float*>(x), rows, cols, acc, isa, num_threads);
 }
 

@@ -11,9 +11,9 @@
 // overloaded on V, must be declared before this header is included (V is no class, so the
 // templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep, vsign_of(u, v) (v >= 0
 // with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp), vclamp_abs(x, c) (x clamped
-// to [-c, c], NaN kept), and the two that bf16 results take (their error, below 2^-13 relative,
-// is far under bf16's half ulp of 2^-9): vexp2_lowp(x) (2^x), vexp2_lowp_within_126(x) (the same for
-// |x| <= 126 only) and vrcp_lowp(x) (1 / x, x >= 1).
+// to [-c, c], NaN kept), and those that bf16 results take (their error, below 2^-13 relative,
+// is far under bf16's half ulp of 2^-9): vexp2_lowp(x) (2^x), vexp2_lowp_within_126(x) (the
+// same for |x| <= 126 only) and vrcp_lowp(x) (1 / x, x >= 1).
 #pragma once
 
 #include <cstdint>
