@@ -57,11 +57,13 @@ def _gelu_erf(x):
 @triton.jit
 def _gelu_tanh(x):
     """(f, f') of f = 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3); tanh(z) = 2 sigmoid(2z) - 1,
-    which saturates to +-1 without overflow."""
+    which saturates to +-1 without overflow. f''s second term 0.5 x (1 - t^2) z'(x) is taken at x clamped
+    to [-20, 20]: it is exactly 0 beyond (t = +-1), where x^2 = inf (|x| > 1.8e19) made it 0 * inf = NaN."""
     z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     t = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
-    dz = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dz
+    xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+    dz = 0.7978845608028654 * (1.0 + 0.134145 * xc * xc)
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * xc * (1.0 - t * t) * dz
 
 
 @triton.jit
@@ -78,7 +80,7 @@ def _act_parts(x, ACTIVATION: tl.constexpr):
         f, df = _gelu_tanh(x)
     elif ACTIVATION == "relu":
         f = tl.where(x < 0.0, 0.0, x)  # NaN kept, as torch.relu (tl.maximum would give 0)
-        df = tl.where(x > 0.0, 1.0, 0.0)
+        df = tl.where(x <= 0.0, 0.0, 1.0)  # NaN -> 1 (passes the gradient on), as torch's threshold_backward
     elif ACTIVATION == "silu" or ACTIVATION == "swiglu":
         f, df = _silu(x)
     else:

@@ -201,22 +201,33 @@ def test_layernorm_mlp_cpu_code_paths(monkeypatch, small_blocks, path, dtype, ac
 def test_layernorm_mlp_cpu_nan_propagates(monkeypatch, path, dtype, activation):
     """A NaN in a token's x makes that token's output NaN for every activation, relu included
     (torch.relu keeps NaN; max(x, 0) in any operand order would not), and leaves the other tokens as
-    the reference has them."""
+    the reference has them. The gradients are NaN exactly where the reference's are (relu's f' at
+    NaN is 1, as torch's threshold_backward has it; a clamp that dropped the NaN once gave gelu_tanh
+    finite fc-bias gradients)."""
     _require_cpu_kernel()
     _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
     g = torch.Generator().manual_seed(0)
     h = 32 if activation in GATED else 64
-    x = torch.randn(5, 16, generator=g)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
     x[2, 3] = float("nan")
-    params = (torch.ones(16), torch.zeros(16), torch.randn(2 * h if activation in GATED else h, 16, generator=g) / 4,
-              None, torch.randn(16, h, generator=g) / 8, None)
-    y = fusedlm.layernorm_mlp(x.to(dtype), *(p.to(dtype) if p is not None else None for p in params),
-                              activation=activation, residual=False, backend="cpu").float()
-    ref = fusedlm.reference.layernorm_mlp(x.double(), *(p.double() if p is not None else None for p in params),
-                                          activation=activation, residual=False)
+    tensors = {"x": x, "norm_weight": torch.ones(16, dtype=torch.float64),
+               "norm_bias": torch.zeros(16, dtype=torch.float64),
+               "fc_weight": torch.randn(2 * h if activation in GATED else h, 16, generator=g, dtype=torch.float64) / 4,
+               "fc_bias": 0.5 * torch.randn(2 * h if activation in GATED else h, generator=g, dtype=torch.float64),
+               "proj_weight": torch.randn(16, h, generator=g, dtype=torch.float64) / 8, "proj_bias": None}
+    gy = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    y, grads = _run(fusedlm.layernorm_mlp, {k: v.to(dtype) if v is not None else None for k, v in tensors.items()},
+                    gy, activation=activation, residual=False, backend="cpu")
+    ref, grads64 = _run(reference.layernorm_mlp, tensors, gy, activation=activation, residual=False)
+    y = y.double()
     assert y[2].isnan().all() and ref[2].isnan().all()
     keep = torch.tensor([0, 1, 3, 4])
-    torch.testing.assert_close(y[keep].double(), ref[keep], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(y[keep], ref[keep], rtol=5e-2, atol=5e-2)
+    for name, a, a64 in zip(GRAD_NAMES, grads, grads64):
+        if a64 is None:
+            continue
+        assert torch.equal(a.isnan(), a64.isnan()), f"{name}: NaN at {a.isnan().nonzero().tolist()}, " \
+                                                     f"the reference at {a64.isnan().nonzero().tolist()}"
 
 
 def _check_huge_pre_activations(backend, dtype, activation):
@@ -262,6 +273,46 @@ def test_layernorm_mlp_cpu_huge_pre_activations(monkeypatch, path, dtype, activa
 def test_layernorm_mlp_gpu_huge_pre_activations(backend, activation):
     for dtype in [torch.float32] + ([torch.bfloat16] if HAS_GPU else []):
         _check_huge_pre_activations(backend, dtype, activation)
+
+
+def _check_far_negative_pre_activations(backend, dtype, activation):
+    """fc-bias entries of -1e30, -1e36 and -3e38 put whole columns of pre-activations far below
+    zero, where every ungated f is 0 and f' is 0: y and the gradients must match the float64
+    reference (a saturated exp once left f = u * 1.2e-38, -3.6 at u = -3e38)."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(2)
+    d, h = 16, 24
+    f64 = dict(generator=g, dtype=torch.float64)
+    fc_bias = torch.randn(h, **f64)
+    fc_bias[[3, 11, 17]] = torch.tensor([-1e30, -1e36, -3e38], dtype=torch.float64)
+    tensors = {"x": torch.randn(9, d, **f64), "norm_weight": torch.ones(d, dtype=torch.float64),
+               "norm_bias": torch.zeros(d, dtype=torch.float64), "fc_weight": torch.randn(h, d, **f64) / 4,
+               "fc_bias": fc_bias, "proj_weight": torch.randn(d, h, **f64) / 4, "proj_bias": torch.randn(d, **f64)}
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    gy = torch.randn(9, d, **f64).to(device)
+    y, grads = _run(fusedlm.layernorm_mlp, tensors, gy, activation=activation, backend=backend)
+    y64, grads64 = _run(reference.layernorm_mlp, {k: v.double() for k, v in tensors.items()}, gy,
+                        activation=activation)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, a64 in zip(("y",) + GRAD_NAMES, [y] + grads, [y64] + grads64):
+        assert torch.isfinite(a).all(), f"{name} is not finite"
+        assert (a.double() - a64).abs().max() <= tol * max(1.0, a64.abs().max().item()), name
+
+
+@pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
+                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("activation", UNGATED)
+def test_layernorm_mlp_cpu_far_negative_pre_activations(monkeypatch, path, dtype, activation):
+    _require_cpu_kernel()
+    _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
+    _check_far_negative_pre_activations("cpu", dtype, activation)
+
+
+@pytest.mark.parametrize("backend", backend_params(cpu=False))
+@pytest.mark.parametrize("activation", UNGATED)
+def test_layernorm_mlp_gpu_far_negative_pre_activations(backend, activation):
+    for dtype in [torch.float32] + ([torch.bfloat16] if HAS_GPU else []):
+        _check_far_negative_pre_activations(backend, dtype, activation)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

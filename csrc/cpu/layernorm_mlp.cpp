@@ -4,7 +4,7 @@
 // on CPUs with avx512_bf16) at run time.
 //
 // Threads split the columns of a block, not its rows: every thread walks all rows of its column
-// range, so each fc-bias gradient column is summed by one thread in row order (the same bits
+// range, so each fc-bias gradient column is summed by one thread in a fixed order (the same bits
 // for any thread count, without per-thread partial rows to reduce), and the ranges are long
 // contiguous runs of each row (h / threads columns) that the prefetchers stream.
 //
@@ -60,10 +60,11 @@ inline float vexp2_lowp_within_126(float x) { return std::exp2(x); }
 inline float vrcp_lowp(float x) { return 1.0f / x; }
 inline float vabs(float x) { return std::fabs(x); }
 inline float vrelu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN kept, as torch.relu
-inline float vstep(float x) { return x > 0.0f ? 1.0f : 0.0f; }
+inline float vstep(float x) { return x <= 0.0f ? 0.0f : 1.0f; }  // NaN -> 1, as torch's threshold_backward
 inline float vsign_of(float u, float v) { return u < 0.0f ? -v : v; }
 inline float vrcp(float x) { return 1.0f / x; }
 inline float vclamp_abs(float x, float c) { return std::fabs(x) > c ? std::copysign(c, x) : x; }
+inline float vat_least(float x, float c) { return x < c ? c : x; }  // NaN kept
 
 struct ScalarIsa {
   using V = float;

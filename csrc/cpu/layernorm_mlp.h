@@ -44,7 +44,8 @@ struct MlpActFwdArgs {
 // The backward of the activation over one block, in one pass: reads pre and d(act), writes
 // d(pre) and the recomputed act (over d(act), which it no longer needs: the proj weight
 // gradient is d(y)^T act). Column sums of d(pre) (the fc bias gradient) are added in fp32 to
-// dbias_acc, each column by one thread in row order: the same bits for any thread count.
+// dbias_acc, each column by one thread in an order fixed by the rows (four rows summed, then
+// added): the same bits for any thread count.
 struct MlpActBwdArgs {
   const void* pre;     // (rows, fc_out); may be dpre itself (the backward's recompute path): see act_bwd_cols
   const void* bias;    // (fc_out,) added to pre on the fly (pre recomputed without it), or nullptr
@@ -62,8 +63,8 @@ struct MlpActBwdArgs {
 void mlp_act_fwd(const MlpActFwdArgs& args);
 void mlp_act_bwd(const MlpActBwdArgs& args);
 
-// acc[j] += sum_i x[i, j] over a (rows, cols) block, in fp32, in row order per column (the proj
-// bias gradient, sum of d(y)); deterministic for any thread count.
+// acc[j] += sum_i x[i, j] over a (rows, cols) block, in fp32, in an order fixed by the rows (the
+// proj bias gradient, sum of d(y)); the same bits for any thread count.
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, Isa isa, int num_threads);
 
 // The bf16 weight-gradient GEMM results x0 (n0 elements) and x1 (n1) of one token block folded

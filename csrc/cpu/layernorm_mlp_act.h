@@ -9,9 +9,10 @@
 // loadf(const float*, Mask); store(T*, V, Mask) -> V rounded to T; round(const T*, V) -> V
 // rounded to T; add_to(float*, V, Mask) (+= into fp32 column sums). The math functions,
 // overloaded on V, must be declared before this header is included (V is no class, so the
-// templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep, vsign_of(u, v) (v >= 0
-// with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp), vclamp_abs(x, c) (x clamped
-// to [-c, c], NaN kept), and those that bf16 results take (their error, below 2^-13 relative,
+// templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep (relu's f', 1 at NaN),
+// vsign_of(u, v) (v >= 0 with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp),
+// vclamp_abs(x, c) (x clamped to [-c, c], NaN kept), vat_least(x, c) (max(x, c), NaN kept), and
+// those that bf16 results take (their error, below 2^-13 relative,
 // is far under bf16's half ulp of 2^-9): vexp2_lowp(x) (2^x), vexp2_lowp_within_126(x) (the
 // same for |x| <= 126 only) and vrcp_lowp(x) (1 / x, x >= 1).
 #pragma once
@@ -42,8 +43,8 @@ struct ActCols {
 using FwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1);
 using BwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1, float* cs);
 
-// cs[j - c0] += sum_i x[i, j] over columns [c0, c1) of a (rows, cols) block, in fp32, in row order
-// per column (the same bits in every instance).
+// cs[j - c0] += sum_i x[i, j] over columns [c0, c1) of a (rows, cols) block, in fp32, in an order
+// fixed by the rows alone (four at a time; the same bits in every instance and for any thread count).
 using SumColsFn = void (*)(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, float* cs);
 
 #if FUSEDLM_X86
@@ -101,10 +102,11 @@ inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
   } else if constexpr (A == Activation::GeluTanh) {
     // s = 0.5 (1 + tanh(z / 2)) = sigmoid(z), z = 2 k (u + c u^3): no cancellation near 0, one exp.
     // f' = s + t, t = u s (1 - s) z', z' = 2 k (1 + 3 c u^2), 1 - s = e s for e = exp(-z).
-    // z, e and t are taken at u clamped to [-10, 10]: beyond, s is 0 or 1 in float32 (|z| >= 87)
-    // and t below 1e-30, while the clamp keeps e = exp(uc (a + b uc^2)) (a = -2 k kL, b = c a)
-    // within 2^+-126 (the lowp exp needs no clamp of its own) and t free of 0 * inf (u^2 = inf
-    // past |u| = 1.8e19) and of u times a saturated exp's s.
+    // z, e and t are taken at u clamped to [-10, 10]: that keeps e = exp(uc (a + b uc^2))
+    // (a = -2 k kL, b = c a) within 2^+-126 (the lowp exp needs no clamp of its own) and t free of
+    // 0 * inf (u^2 = inf past |u| = 1.8e19); beyond, t is below 1e-30 and s is 1 (u > 10) or
+    // s(-10) = 1.2e-38 (u < -10, where the true s is smaller still). f = max(u, -10) s: u s would
+    // grow with |u| there (-3.6 at u = -3e38); this is within 1.2e-37 of the true 0.
     constexpr float kA = -2.0f * kTanhK * kL, kB = kTanhC * kA;
     const V uc = vclamp_abs(u, 10.0f);
     const V u2 = uc * uc;
@@ -112,16 +114,20 @@ inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
     if constexpr (kLowp) e = vexp2_lowp_within_126(uc * (kA + kB * u2));
     else e = vexp(uc * (kA + kB * u2));
     const V s = rcp_or_rcp_lowp<kLowp>(1.0f + e);
-    *f = u * s;
+    *f = vat_least(u, -10.0f) * s;
     *df = s + uc * (e * s) * s * ((2.0f * kTanhK) + (6.0f * kTanhK * kTanhC) * u2);
   } else if constexpr (A == Activation::Relu) {
     *f = vrelu(u);
     *df = vstep(u);
   } else {  // Silu, Swiglu
-    const V e = exp_or_exp2_lowp<kLowp>(u * -kL);
+    // Taken at max(u, -87): e = exp(-u) stays finite (below 2^126) and s above 1.6e-38, where
+    // at smaller u f = u s and f' would grow with |u| from the saturated exp; the result is within
+    // 1.4e-36 of the true 0 there.
+    const V ul = vat_least(u, -87.0f);
+    const V e = exp_or_exp2_lowp<kLowp>(ul * -kL);
     const V s = rcp_or_rcp_lowp<kLowp>(1.0f + e);
-    *f = u * s;
-    *df = s * (1.0f + u * (e * s));  // s (1 + u (1 - s))
+    *f = ul * s;
+    *df = s * (1.0f + ul * (e * s));  // s (1 + u (1 - s))
   }
 }
 

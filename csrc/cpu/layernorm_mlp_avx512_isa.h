@@ -31,11 +31,16 @@ FUSEDLM_INLINE __m512 vexp(__m512 x) { return avx512::exp16(x); }
 FUSEDLM_INLINE __m512 vabs(__m512 x) { return _mm512_abs_ps(x); }
 // max(0, x), NaN kept (maxps returns its second operand, x, when one is NaN), as torch.relu
 FUSEDLM_INLINE __m512 vrelu(__m512 x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }
+// f'(u) of relu: 0 where u <= 0, else 1; NaN gives 1 (passes the gradient on), as torch's threshold_backward
 FUSEDLM_INLINE __m512 vstep(__m512 x) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NLE_UQ), _mm512_set1_ps(1.0f));
 }
-// x clamped to [-c, c] in one vrangeps (imm 0b0010: the smaller magnitude, x's sign); NaN kept
-FUSEDLM_INLINE __m512 vclamp_abs(__m512 x, float c) { return _mm512_range_ps(x, _mm512_set1_ps(c), 0x02); }
+// x clamped to [-c, c]; NaN kept (max and min return their second operand, x, when one is NaN)
+FUSEDLM_INLINE __m512 vclamp_abs(__m512 x, float c) {
+  return _mm512_min_ps(_mm512_set1_ps(c), _mm512_max_ps(_mm512_set1_ps(-c), x));
+}
+// max(x, c); NaN kept
+FUSEDLM_INLINE __m512 vat_least(__m512 x, float c) { return _mm512_max_ps(_mm512_set1_ps(c), x); }
 FUSEDLM_INLINE __m512 vsign_of(__m512 u, __m512 v) {
   return _mm512_mask_sub_ps(v, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), v);
 }

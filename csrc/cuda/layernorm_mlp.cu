@@ -46,7 +46,7 @@ __device__ __forceinline__ void terms(float u, float* f, float* df) {
     *df = s + 2.0f * kTanhK * uc * s * (1.0f - s) * (1.0f + 3.0f * kTanhC * uc * uc);
   } else if constexpr (A == Activation::Relu) {
     *f = u < 0.0f ? 0.0f : u;  // NaN kept, as torch.relu
-    *df = u > 0.0f ? 1.0f : 0.0f;
+    *df = u <= 0.0f ? 0.0f : 1.0f;  // NaN -> 1 (passes the gradient on), as torch's threshold_backward
   } else {  // Silu, Swiglu
     const float s = 1.0f / (1.0f + __expf(-u));
     *f = u * s;
