@@ -230,89 +230,63 @@ def test_layernorm_mlp_cpu_nan_propagates(monkeypatch, path, dtype, activation):
                                                      f"the reference at {a64.isnan().nonzero().tolist()}"
 
 
-def _check_huge_pre_activations(backend, dtype, activation):
-    """Pre-activations up to about 1e20 in magnitude, where u^2 overflows float32: y and every
-    gradient stay finite and match the float64 reference (gelu_tanh's f'(u) had 0 * inf = NaN
-    there)."""
+def _extreme_inputs(case, generator):
+    """float64 tensors (x of 23 x 16) whose pre-activations reach far past float32's comfortable range.
+    "huge": fc_weight row j scaled by 10^(20 j / 39), proj_weight column j by its inverse, so the
+    pre-activations run from about 1 to 1e20 in magnitude (u^2 overflows float32 past 1.8e19);
+    "far_negative": fc-bias entries of -1e30, -1e36 and -3e38 put whole columns far below 0, where
+    every ungated f and f' is 0."""
+    d, h = 16, 40
+    f64 = dict(generator=generator, dtype=torch.float64)
+    x, fc_w, fc_b, proj_w = (torch.randn(23, d, **f64), torch.randn(h, d, **f64) / 4, torch.randn(h, **f64),
+                             torch.randn(d, h, **f64) / 4)
+    if case == "huge":
+        scales = torch.logspace(0, 20, h, dtype=torch.float64).unsqueeze(1)
+        fc_w, proj_w = fc_w * scales, proj_w / scales.T
+    else:
+        fc_b[[3, 11, 17]] = torch.tensor([-1e30, -1e36, -3e38], dtype=torch.float64)
+    return {"x": x, "norm_weight": torch.ones(d, dtype=torch.float64), "norm_bias": torch.zeros(d, dtype=torch.float64),
+            "fc_weight": fc_w, "fc_bias": fc_b, "proj_weight": proj_w, "proj_bias": torch.randn(d, **f64)}
+
+
+def _check_extreme_pre_activations(backend, dtype, activation, case):
+    """y and every gradient finite and within 1e-4 (fp32) or 3e-2 (bf16) of the float64 reference,
+    relative to each tensor's largest entry. What these caught: gelu_tanh's f' was
+    0 * inf = NaN once u^2 overflowed, and a saturated exp left f = u * 1.2e-38 (-3.6 at u = -3e38)."""
     device = backend_device(backend)
     g = torch.Generator().manual_seed(1)
-    d, h = 16, 40
-    scales = torch.logspace(0, 20, h, dtype=torch.float64).unsqueeze(1)  # row j of fc_weight ~ 10^(20 j / (h - 1))
-    f64 = dict(generator=g, dtype=torch.float64)
-    tensors = {"x": torch.randn(23, d, **f64), "norm_weight": torch.ones(d, dtype=torch.float64),
-               "norm_bias": torch.zeros(d, dtype=torch.float64), "fc_weight": torch.randn(h, d, **f64) * scales / d,
-               "fc_bias": torch.randn(h, **f64), "proj_weight": torch.randn(d, h, **f64) / scales.T / h,
-               "proj_bias": torch.randn(d, **f64)}
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    gy = torch.randn(23, d, **f64).to(device)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in _extreme_inputs(case, g).items()}
+    gy = torch.randn(23, 16, generator=g, dtype=torch.float64).to(device)
     y, grads = _run(fusedlm.layernorm_mlp, tensors, gy, activation=activation, backend=backend)
     y64, grads64 = _run(reference.layernorm_mlp, {k: v.double() for k, v in tensors.items()}, gy,
                         activation=activation)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for name, a, a64 in zip(("y",) + GRAD_NAMES, [y] + grads, [y64] + grads64):
-        assert torch.isfinite(a).all(), f"{name} is not finite"
-        # relative to each tensor's largest entry: its columns span 20 orders of magnitude
-        assert (a.double() - a64).abs().max() <= tol * a64.abs().max(), name
+        assert torch.isfinite(a).all(), f"{case}: {name} is not finite"
+        assert (a.double() - a64).abs().max() <= tol * a64.abs().max(), f"{case}: {name}"
 
 
 # The gated activations are left out: their f(a) * b overflows float32 itself at these magnitudes.
 UNGATED = [a for a in ACTIVATIONS if a not in GATED]
+EXTREMES = ["huge", "far_negative"]
 
 
 @pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
                          ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("case", EXTREMES)
 @pytest.mark.parametrize("activation", UNGATED)
-def test_layernorm_mlp_cpu_huge_pre_activations(monkeypatch, path, dtype, activation):
+def test_layernorm_mlp_cpu_extreme_pre_activations(monkeypatch, path, dtype, case, activation):
     _require_cpu_kernel()
     _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
-    _check_huge_pre_activations("cpu", dtype, activation)
+    _check_extreme_pre_activations("cpu", dtype, activation, case)
 
 
 @pytest.mark.parametrize("backend", backend_params(cpu=False))
+@pytest.mark.parametrize("case", EXTREMES)
 @pytest.mark.parametrize("activation", UNGATED)
-def test_layernorm_mlp_gpu_huge_pre_activations(backend, activation):
+def test_layernorm_mlp_gpu_extreme_pre_activations(backend, case, activation):
     for dtype in [torch.float32] + ([torch.bfloat16] if HAS_GPU else []):
-        _check_huge_pre_activations(backend, dtype, activation)
-
-
-def _check_far_negative_pre_activations(backend, dtype, activation):
-    """fc-bias entries of -1e30, -1e36 and -3e38 put whole columns of pre-activations far below
-    zero, where every ungated f is 0 and f' is 0: y and the gradients must match the float64
-    reference (a saturated exp once left f = u * 1.2e-38, -3.6 at u = -3e38)."""
-    device = backend_device(backend)
-    g = torch.Generator().manual_seed(2)
-    d, h = 16, 24
-    f64 = dict(generator=g, dtype=torch.float64)
-    fc_bias = torch.randn(h, **f64)
-    fc_bias[[3, 11, 17]] = torch.tensor([-1e30, -1e36, -3e38], dtype=torch.float64)
-    tensors = {"x": torch.randn(9, d, **f64), "norm_weight": torch.ones(d, dtype=torch.float64),
-               "norm_bias": torch.zeros(d, dtype=torch.float64), "fc_weight": torch.randn(h, d, **f64) / 4,
-               "fc_bias": fc_bias, "proj_weight": torch.randn(d, h, **f64) / 4, "proj_bias": torch.randn(d, **f64)}
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    gy = torch.randn(9, d, **f64).to(device)
-    y, grads = _run(fusedlm.layernorm_mlp, tensors, gy, activation=activation, backend=backend)
-    y64, grads64 = _run(reference.layernorm_mlp, {k: v.double() for k, v in tensors.items()}, gy,
-                        activation=activation)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, a, a64 in zip(("y",) + GRAD_NAMES, [y] + grads, [y64] + grads64):
-        assert torch.isfinite(a).all(), f"{name} is not finite"
-        assert (a.double() - a64).abs().max() <= tol * max(1.0, a64.abs().max().item()), name
-
-
-@pytest.mark.parametrize("path,dtype", [(name, dt) for name, _, dts in CPU_PATHS for dt in dts],
-                         ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("activation", UNGATED)
-def test_layernorm_mlp_cpu_far_negative_pre_activations(monkeypatch, path, dtype, activation):
-    _require_cpu_kernel()
-    _set_cpu_path(monkeypatch, path, dict((n, e) for n, e, _ in CPU_PATHS)[path])
-    _check_far_negative_pre_activations("cpu", dtype, activation)
-
-
-@pytest.mark.parametrize("backend", backend_params(cpu=False))
-@pytest.mark.parametrize("activation", UNGATED)
-def test_layernorm_mlp_gpu_far_negative_pre_activations(backend, activation):
-    for dtype in [torch.float32] + ([torch.bfloat16] if HAS_GPU else []):
-        _check_far_negative_pre_activations(backend, dtype, activation)
+        _check_extreme_pre_activations(backend, dtype, activation, case)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
