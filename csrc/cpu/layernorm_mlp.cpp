@@ -53,7 +53,7 @@ inline void store_bits(bf16* p, float v) {
   p->bits = std::isnan(v) ? uint16_t(0x7fc0) : uint16_t(u >> 16);
 }
 
-// exp and 2^x saturate below FLT_MAX, as avx512::exp16 does (NaN kept): terms() forms e * sigmoid.
+// exp and 2^x saturate below FLT_MAX (NaN kept), as avx512::exp16 and the AVX-512 vexp2_lowp do.
 inline float vexp(float x) { return std::exp(x > 88.7f ? 88.7f : x); }
 inline float vexp2_lowp(float x) { return std::exp2(x > 127.0f ? 127.0f : x); }
 inline float vexp2_lowp_within_126(float x) { return std::exp2(x); }

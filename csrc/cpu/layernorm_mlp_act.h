@@ -12,9 +12,9 @@
 // templates find them only by ordinary lookup): vexp, vabs, vrelu, vstep (relu's f', 1 at NaN),
 // vsign_of(u, v) (v >= 0 with the sign of u), vrcp(x) (1 / x for x >= 1, within an ulp),
 // vclamp_abs(x, c) (x clamped to [-c, c], NaN kept), vat_least(x, c) (max(x, c), NaN kept), and
-// those that bf16 results take (their error, below 2^-13 relative,
-// is far under bf16's half ulp of 2^-9): vexp2_lowp(x) (2^x), vexp2_lowp_within_126(x) (the
-// same for |x| <= 126 only) and vrcp_lowp(x) (1 / x, x >= 1).
+// those that bf16 results take (their error, below 2^-13 relative, is far under bf16's half ulp
+// of 2^-9): vexp2_lowp(x) (2^x), vexp2_lowp_within_126(x) (the same for |x| <= 126 only) and
+// vrcp_lowp(x) (1 / x, x >= 1).
 #pragma once
 
 #include <cstdint>
@@ -81,7 +81,7 @@ inline __attribute__((always_inline)) V rcp_or_rcp_lowp(V x) {
 
 // f(u) and f'(u) of the elementwise activation (the gate of the gated ones). With inlining, a
 // caller that only uses f drops the derivative's arithmetic. kLowp (bf16 elements): exp and 1 / x
-// to about 2^-14 relative (vexp2_lowp, vrcp_lowp) instead of to an ulp: about a third fewer vector
+// to about 2^-14 relative (vexp2_lowp, vrcp_lowp) instead of to an ulp: about a quarter fewer vector
 // instructions in these compute-bound passes; the fp32 instances keep the exact ones. Either
 // way 1 - sigmoid(z) is computed as e sigmoid(z) (e = exp(-z)), free of cancellation as s -> 1.
 template <Activation A, bool kLowp, class V>
@@ -131,16 +131,25 @@ inline __attribute__((always_inline)) void terms(V u, V* f, V* df) {
   }
 }
 
+// body(i0, R) over the rows [0, rows) in groups of R = kRowGroup consecutive rows, then one row at
+// a time for the rest; R arrives as a std::integral_constant, so each group's loop over its rows
+// unrolls. Four rows give the out-of-order core four independent chains through terms() (one
+// row per step was bound by that chain's latency, not by throughput).
+constexpr int kRowGroup = 4;
+template <typename Body>
+inline __attribute__((always_inline)) void for_row_groups(int64_t rows, Body&& body) {
+  int64_t i = 0;
+  for (; i + kRowGroup <= rows; i += kRowGroup) body(i, std::integral_constant<int, kRowGroup>{});
+  for (; i < rows; ++i) body(i, std::integral_constant<int, 1>{});
+}
+
 // Forward over columns [c0, c1) of act for every row: pre (+= bias, stored), act = f(pre)
-// (gated: f(a) * b). Four rows per column step: four independent chains through terms() for the
-// out-of-order core to overlap (one row per step was bound by that chain's latency, not by
-// throughput).
+// (gated: f(a) * b); rows in groups of four (for_row_groups).
 template <class K, typename T, Activation A>
 void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
   using V = typename K::V;
   constexpr bool kGated = is_gated(A);
-  constexpr int kRows = 4;
-  const auto rows_from = [&](int64_t i0, auto rows) {
+  for_row_groups(p.rows, [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
     for (int64_t j = c0; j < c1; j += K::W) {
       const auto m = K::mask(c1 - j);
@@ -159,10 +168,7 @@ void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
         K::store(act + j, f, m);
       }
     }
-  };
-  int64_t i = 0;
-  for (; i + kRows <= p.rows; i += kRows) rows_from(i, std::integral_constant<int, kRows>{});
-  for (; i < p.rows; ++i) rows_from(i, std::integral_constant<int, 1>{});
+  });
 }
 
 // One step of the backward for R consecutive rows at columns [j, j + W) (mask m): reads pre (+ bias,
@@ -202,8 +208,8 @@ inline __attribute__((always_inline)) void act_bwd_step(const ActCols& p, int64_
   }
 }
 
-// Backward over columns [c0, c1) of act for every row (act_bwd_step), four rows per step as in
-// the forward: their d(pre) summed in registers, then added to the column sums cs[0, c1 - c0)
+// Backward over columns [c0, c1) of act for every row (act_bwd_step), rows in groups of four
+// (for_row_groups): their d(pre) summed in registers, then added to the column sums cs[0, c1 - c0)
 // (gated: the b half to cs[c1 - c0, 2 (c1 - c0))) when cs is set, a quarter of the
 // read-modify-writes of cs. The sums' order is fixed by the rows alone: the same bits for any
 // thread count. (4096 x 3072 bf16, gelu_tanh, two threads: 4.5 ms with one row per step, 2.8 with four.)
@@ -213,9 +219,8 @@ inline __attribute__((always_inline)) void act_bwd_step(const ActCols& p, int64_
 template <class K, typename T, Activation A>
 void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
   using V = typename K::V;
-  constexpr int kRows = 4;
   const int64_t width = c1 - c0;
-  const auto rows_from = [&](int64_t i0, auto rows) {
+  for_row_groups(p.rows, [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
     for (int64_t j = c0; j < c1; j += K::W) {
       const auto m = K::mask(c1 - j);
@@ -226,32 +231,22 @@ void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
         if constexpr (is_gated(A)) K::add_to(cs + width + (j - c0), db, m);
       }
     }
-  };
-  int64_t i = 0;
-  for (; i + kRows <= p.rows; i += kRows) rows_from(i, std::integral_constant<int, kRows>{});
-  for (; i < p.rows; ++i) rows_from(i, std::integral_constant<int, 1>{});
+  });
 }
 
-// Four rows per column step, summed in row order in registers before they are added to cs.
+// Rows in groups of four (for_row_groups), summed in registers before they are added to cs.
 template <class K, typename T>
 void sum_cols(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, float* cs) {
-  constexpr int kRows = 4;
   const T* base = static_cast<const T*>(x);
-  int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows) {
+  for_row_groups(rows, [&](int64_t i0, auto group) {
+    constexpr int R = decltype(group)::value;
     for (int64_t j = c0; j < c1; j += K::W) {
       const auto m = K::mask(c1 - j);
-      typename K::V v = K::load(base + i * cols + j, m);
-      for (int r = 1; r < kRows; ++r) v = v + K::load(base + (i + r) * cols + j, m);
+      typename K::V v = K::load(base + i0 * cols + j, m);
+      for (int r = 1; r < R; ++r) v = v + K::load(base + (i0 + r) * cols + j, m);
       K::add_to(cs + (j - c0), v, m);
     }
-  }
-  for (; i < rows; ++i) {
-    for (int64_t j = c0; j < c1; j += K::W) {
-      const auto m = K::mask(c1 - j);
-      K::add_to(cs + (j - c0), K::load(base + i * cols + j, m), m);
-    }
-  }
+  });
 }
 
 template <class K, typename T>
