@@ -37,7 +37,8 @@ CASES = [
     (1, 1, 1, 1025, 1025, 64, True),
 ]
 # The CPU kernel takes any head dim (7, 12, 20: no multiple of 8 or 16) and larger tiles are cheap there:
-# several key and query blocks at D = 256, one key against many queries, a 1025-key decode.
+# several key and query blocks at D = 256, one key against many queries, decodes (<= 4 queries) of 1025
+# keys and of key counts past a multiple of 16 (the 16-key score groups) and of 128 (the P V blocks).
 CPU_CASES = [
     (1, 3, 1, 33, 20, 12, True),
     (2, 4, 2, 17, 17, 7, False),
@@ -45,6 +46,8 @@ CPU_CASES = [
     (1, 2, 2, 5, 1, 20, True),
     (1, 4, 1, 1, 1025, 64, True),
     (2, 8, 2, 150, 150, 96, False),
+    (1, 4, 2, 3, 300, 256, True),
+    (2, 2, 1, 1, 271, 80, False),
 ]
 FP16_CASES = [
     (1, 2, 1, 97, 97, 64, True),
@@ -225,6 +228,19 @@ def test_attention_non_contiguous_inputs(backend):
     q2 = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     out2 = fusedlm.attention(q2, k, v, causal=True, backend=backend)
     assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_decode_from_strided_kv_cache(backend):
+    """One query against K and V read through a (B, N, 2, H, D) cache's strides (rows 2 H D apart)."""
+    device = backend_device(backend)
+    b, h, nk, d = 2, 4, 301, 64
+    kv = torch.randn(b, nk, 2, h, d, dtype=torch.float64).float().to(device)
+    k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))
+    q = torch.randn(b, h, 1, d, dtype=torch.float64).float().to(device)
+    do = torch.randn(b, h, 1, d, dtype=torch.float64, device=device)
+    out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=True, backend=backend)
+    _check_all(out, lse, grads, q, k, v, do, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
