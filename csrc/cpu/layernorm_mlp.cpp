@@ -87,6 +87,7 @@ struct ScalarIsa {
     return round_to(tag, v);
   }
   static void add_to(float* p, float v, Mask) { *p += v; }
+  static void prefetch(const void*) {}
 };
 
 }  // namespace

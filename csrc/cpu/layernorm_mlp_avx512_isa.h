@@ -105,6 +105,7 @@ struct Avx512Isa {
   static FUSEDLM_INLINE void add_to(float* p, V v, Mask m) {
     _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v));
   }
+  static FUSEDLM_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 
 }  // namespace
