@@ -60,7 +60,8 @@ FP16_CASES = [
 # blocks of <= 4 queries in forward) fp32 copies; odd query and key counts pad the bf16 pairs.
 BF16_CPU_CASES = FP16_CASES + [(1, 1, 1, 17, 17, 256, True), (1, 2, 1, 1, 1025, 16, True),
                                (1, 2, 2, 130, 129, 128, False), (1, 4, 2, 67, 67, 21, True),
-                               (2, 4, 1, 65, 131, 80, True)]
+                               (2, 4, 1, 65, 131, 80, True), (1, 4, 2, 3, 300, 256, True),
+                               (2, 2, 1, 1, 271, 80, False)]
 
 
 def _grid():
@@ -230,14 +231,16 @@ def test_attention_non_contiguous_inputs(backend):
     assert torch.equal(out2, out)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_decode_from_strided_kv_cache(backend):
-    """One query against K and V read through a (B, N, 2, H, D) cache's strides (rows 2 H D apart)."""
+@pytest.mark.parametrize("backend,dtype", [pytest.param(*b.values, torch.float32, marks=b.marks, id=f"{b.id}-fp32")
+                                           for b in BACKENDS] + [pytest.param("cpu", torch.bfloat16, id="cpu-bf16")])
+def test_attention_decode_from_strided_kv_cache(backend, dtype):
+    """One query against K and V read through a (B, N, 2, H, D) cache's strides (rows 2 H D apart); the
+    CPU reads bf16 K and V in place there too."""
     device = backend_device(backend)
     b, h, nk, d = 2, 4, 301, 64
-    kv = torch.randn(b, nk, 2, h, d, dtype=torch.float64).float().to(device)
+    kv = torch.randn(b, nk, 2, h, d, dtype=torch.float64).to(dtype).to(device)
     k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))
-    q = torch.randn(b, h, 1, d, dtype=torch.float64).float().to(device)
+    q = torch.randn(b, h, 1, d, dtype=torch.float64).to(dtype).to(device)
     do = torch.randn(b, h, 1, d, dtype=torch.float64, device=device)
     out, lse, grads = _run(fusedlm.attention, q, k, v, do, causal=True, backend=backend)
     _check_all(out, lse, grads, q, k, v, do, True)

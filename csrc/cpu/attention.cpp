@@ -9,12 +9,13 @@
 //         O = O 2^(m - m') + (P^T)^T V_j
 //     out = O / l;  lse = (m + log2 l) ln 2       (l = 0: the query saw no key -> out 0, lse -inf)
 // Only blocks crossing the causal diagonal pay for a mask; blocks past it are never visited. Blocks of
-// at most 4 queries (decode) take attend_row instead: keys as SIMD lanes, K and V read once.
+// at most 4 queries (decode) take attend_row instead (AVX-512): keys as SIMD lanes, K and V read
+// once, in place through their strides, bf16 widened as it is read.
 // Extra memory per thread: the Q^T, O and S^T tiles (48 KiB at D = 64) and Nk scores; fp32 K and V
 // are read in place through their strides. bf16 inputs take the avx512_bf16 dot products of
-// attention_bf16.cpp where the CPU has them and D is even; otherwise (and for decode) the kv head's K
-// and V are converted to fp32 once per thread and head (2 Nk D floats), shared by the query blocks
-// and the GQA group, and run through the fp32 tiles here.
+// attention_bf16.cpp where the CPU has them and D is even; otherwise the kv head's K and V are
+// converted to fp32 once per thread and head (2 Nk D floats), shared by the query blocks and the
+// GQA group, and run through the fp32 tiles here.
 //
 // Backward, one task per (batch, kv head), so that the task owns dK and dV of its kv head and dQ of
 // the query heads of its group: every gradient is summed in one fixed order by one thread, without
@@ -105,7 +106,7 @@ TileKernels tile_kernels(Isa isa) {
   if (isa == Isa::Avx512) return avx512_tile_kernels();
 #endif
   (void)isa;
-  return {&gemm_scalar, &softmax_fwd_scalar, &softmax_bwd_scalar, &bf16_to_float_scalar, nullptr};
+  return {&gemm_scalar, &softmax_fwd_scalar, &softmax_bwd_scalar, &bf16_to_float_scalar, nullptr, nullptr};
 }
 
 // bf16 inputs take the avx512_bf16 dot products (attention_bf16.cpp) with the AVX-512 kernels on a
@@ -169,9 +170,13 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
   const T* v = static_cast<const T*>(a.v);
   T* out = static_cast<T*>(a.out);
 
+  // Blocks of at most kDecodeRows queries take attend_row (bf16: attend_row_bf16, which reads K and V
+  // in place); the others the tiles, on fp32 copies of bf16 K and V.
+  const bool row_kernel = kt.attend_row != nullptr && (!kConvert || kt.attend_row_bf16 != nullptr);
+  const bool copies = kConvert && !(row_kernel && nq_all <= kDecodeRows);
   const int64_t tile_qt = round16(d * QB), tile_o = round16(QB * d), tile_s = KB * QB, kv = round16(nk_all * d);
   const int nt = threads_for(a.num_threads, sh, tasks);
-  const Scratch scratch(nt, tile_qt + tile_o + tile_s + 2 * QB + round16(nk_all) + (kConvert ? 2 * kv : 0));
+  const Scratch scratch(nt, tile_qt + tile_o + tile_s + 2 * QB + round16(nk_all) + (copies ? 2 * kv : 0));
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -198,35 +203,38 @@ void fwd_typed(const AttentionFwdArgs& a, const TileKernels& kt) {
       std::fill(l, l + QB, 0.0f);
       std::fill(o, o + nq * d, 0.0f);
       const int64_t k_end = a.causal ? std::clamp<int64_t>(q0 + nq + off, 0, nk_all) : nk_all;
-
       const T* kh = k + b * a.k_stride.batch + kvh * a.k_stride.head;
       const T* vh = v + b * a.v_stride.batch + kvh * a.v_stride.head;
-      const float* kp;
-      const float* vp;
-      int64_t ldk, ldv;
-      if constexpr (kConvert) {
-        const int64_t head = b * sh.heads_kv + kvh;
-        if (head != cached_head) cached_head = head, cached_rows = 0;
-        if (k_end > cached_rows) {
-          const int64_t r0 = cached_rows, rows = k_end - r0;
-          rows_to_float(kt, kh + r0 * a.k_stride.row, a.k_stride.row, rows, d, kf + r0 * d);
-          rows_to_float(kt, vh + r0 * a.v_stride.row, a.v_stride.row, rows, d, vf + r0 * d);
-          cached_rows = k_end;
-        }
-        kp = kf, vp = vf, ldk = d, ldv = d;
-      } else {
-        kp = kh, vp = vh, ldk = a.k_stride.row, ldv = a.v_stride.row;
-      }
 
-      if (kt.attend_row != nullptr && nq <= kDecodeRows) {
+      if (row_kernel && nq <= kDecodeRows) {
         float* qrow = s;  // the block's rows, scaled, in the score tile (unused on this path)
         for (int64_t i = 0; i < nq; ++i)
           for (int64_t j = 0; j < d; ++j) qrow[i * d + j] = qt[j * QB + i];
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t nk = a.causal ? std::clamp<int64_t>(q0 + i + 1 + off, 0, nk_all) : nk_all;
-          kt.attend_row(qrow + i * d, kp, ldk, vp, ldv, nk, d, row_s, o + i * d, m + i, l + i);
+          if constexpr (kConvert)
+            kt.attend_row_bf16(qrow + i * d, kh, a.k_stride.row, vh, a.v_stride.row, nk, d, row_s, o + i * d, m + i,
+                               l + i);
+          else
+            kt.attend_row(qrow + i * d, kh, a.k_stride.row, vh, a.v_stride.row, nk, d, row_s, o + i * d, m + i, l + i);
         }
       } else {
+        const float* kp;
+        const float* vp;
+        int64_t ldk, ldv;
+        if constexpr (kConvert) {
+          const int64_t head = b * sh.heads_kv + kvh;
+          if (head != cached_head) cached_head = head, cached_rows = 0;
+          if (k_end > cached_rows) {
+            const int64_t r0 = cached_rows, rows = k_end - r0;
+            rows_to_float(kt, kh + r0 * a.k_stride.row, a.k_stride.row, rows, d, kf + r0 * d);
+            rows_to_float(kt, vh + r0 * a.v_stride.row, a.v_stride.row, rows, d, vf + r0 * d);
+            cached_rows = k_end;
+          }
+          kp = kf, vp = vf, ldk = d, ldv = d;
+        } else {
+          kp = kh, vp = vh, ldk = a.k_stride.row, ldv = a.v_stride.row;
+        }
         for (int64_t k0 = 0; k0 < k_end; k0 += KB) {
           const int64_t nk = std::min(KB, k_end - k0);
           kt.gemm(nk, nq, d, kp + k0 * ldk, ldk, 1, qt, QB, s, QB, false);  // S^T = K_j Q^T

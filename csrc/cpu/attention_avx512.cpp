@@ -204,8 +204,17 @@ void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
 constexpr int64_t kPrefetchRows = 16;
 constexpr int64_t kValueBlock = 128;  // keys per pass over the column strips of V (L1/L2-resident)
 
-FUSEDLM_INLINE void prefetch_row(const float* row, int64_t width) {
-  for (int64_t e = 0; e < width; e += 16) _mm_prefetch(reinterpret_cast<const char*>(row + e), _MM_HINT_T0);
+// The cache lines of width elements of a row.
+template <typename T>
+FUSEDLM_INLINE void prefetch_row(const T* row, int64_t width) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t e = 0; e < width; e += kLine) _mm_prefetch(reinterpret_cast<const char*>(row + e), _MM_HINT_T0);
+}
+
+// Up to 16 elements of K or V as fp32 (bf16: widened as they are read).
+FUSEDLM_INLINE __m512 load16(__mmask16 mk, const float* p) { return _mm512_maskz_loadu_ps(mk, p); }
+FUSEDLM_INLINE __m512 load16(__mmask16 mk, const uint16_t* p) {
+  return avx512::bf16_bits_to_ps(_mm256_maskz_loadu_epi16(mk, p));
 }
 
 // Lane r of the result = the sum of the 16 lanes of a[r]: the horizontal sums of 16 dot products
@@ -228,19 +237,20 @@ FUSEDLM_INLINE __m512 sum_lanes16(const __m512 (&a)[16]) {
 
 // s[j] = q . k_j for all nk keys: 16 keys at a time (16 independent FMA chains over d), then one
 // key at a time for the tail.
-void row_scores(const float* q, const float* k, int64_t ldk, int64_t nk, int64_t d, float* s) {
+template <typename T>
+void row_scores(const float* q, const T* k, int64_t ldk, int64_t nk, int64_t d, float* s) {
   int64_t j = 0;
   for (; j + 16 <= nk; j += 16) {
     __m512 acc[16];
     for (auto& x : acc) x = _mm512_setzero_ps();
-    const float* kj = k + j * ldk;
+    const T* kj = k + j * ldk;
     for (int64_t e = 0; e < d; e += 16) {
       const __mmask16 mk = lanes(d - e);
       const __m512 qe = _mm512_maskz_loadu_ps(mk, q + e);
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(kj + (r + kPrefetchRows) * ldk + e), _MM_HINT_T0);
-        acc[r] = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(mk, kj + r * ldk + e), acc[r]);
+        acc[r] = _mm512_fmadd_ps(qe, load16(mk, kj + r * ldk + e), acc[r]);
       }
     }
     _mm512_storeu_ps(s + j, sum_lanes16(acc));
@@ -249,7 +259,7 @@ void row_scores(const float* q, const float* k, int64_t ldk, int64_t nk, int64_t
     __m512 a0 = _mm512_setzero_ps();
     for (int64_t e = 0; e < d; e += 16) {
       const __mmask16 mk = lanes(d - e);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + e), _mm512_maskz_loadu_ps(mk, k + j * ldk + e), a0);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + e), load16(mk, k + j * ldk + e), a0);
     }
     s[j] = _mm512_reduce_add_ps(a0);
   }
@@ -257,13 +267,14 @@ void row_scores(const float* q, const float* k, int64_t ldk, int64_t nk, int64_t
 
 // o += sum_j p[j] v_j over keys [j0, j1), for the column strip [e0, e0 + 64) of o: two keys per step
 // into two accumulator sets (8 independent FMA chains).
-FUSEDLM_INLINE void add_weighted_rows(const float* p, const float* v, int64_t ldv, int64_t j0, int64_t j1,
-                                      int64_t e0, int64_t d, float* o) {
+template <typename T>
+FUSEDLM_INLINE void add_weighted_rows(const float* p, const T* v, int64_t ldv, int64_t j0, int64_t j1, int64_t e0,
+                                      int64_t d, float* o) {
   const int64_t width = std::min<int64_t>(64, d - e0);
   const __mmask16 mk[4] = {lanes(width), lanes(width - 16), lanes(width - 32), lanes(width - 48)};
   __m512 x[4], y[4];
   for (int u = 0; u < 4; ++u) x[u] = _mm512_maskz_loadu_ps(mk[u], o + e0 + 16 * u), y[u] = _mm512_setzero_ps();
-  const float* vj = v + j0 * ldv + e0;
+  const T* vj = v + j0 * ldv + e0;
   int64_t j = j0;
   for (; j + 2 <= j1; j += 2, vj += 2 * ldv) {
     prefetch_row(vj + kPrefetchRows * ldv, width);
@@ -271,14 +282,14 @@ FUSEDLM_INLINE void add_weighted_rows(const float* p, const float* v, int64_t ld
     const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) {
-      x[u] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(mk[u], vj + 16 * u), x[u]);
-      y[u] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(mk[u], vj + ldv + 16 * u), y[u]);
+      x[u] = _mm512_fmadd_ps(p0, load16(mk[u], vj + 16 * u), x[u]);
+      y[u] = _mm512_fmadd_ps(p1, load16(mk[u], vj + ldv + 16 * u), y[u]);
     }
   }
   if (j < j1) {
     const __m512 p0 = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) x[u] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(mk[u], vj + 16 * u), x[u]);
+    for (int u = 0; u < 4; ++u) x[u] = _mm512_fmadd_ps(p0, load16(mk[u], vj + 16 * u), x[u]);
   }
 #pragma GCC unroll 4
   for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(o + e0 + 16 * u, mk[u], _mm512_add_ps(x[u], y[u]));
@@ -287,9 +298,11 @@ FUSEDLM_INLINE void add_weighted_rows(const float* p, const float* v, int64_t ld
 // Decode: one query row against nk keys in two streaming passes, scores (keys 16 at a time, d the
 // lanes of the dot products), then the softmax over the scores (keys the lanes) and P V (d the
 // lanes), blocks of kValueBlock keys at a time so that each block's rows stay cached while the
-// column strips of a wide head pass over them.
-void attend_row(const float* q, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t nk, int64_t d,
-                float* s, float* o, float* m_out, float* l_out) {
+// column strips of a wide head pass over them. bf16 K and V are widened as they are read (no fp32
+// copy: half the bytes to stream).
+template <typename T>
+void attend_row(const float* q, const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t nk, int64_t d, float* s,
+                float* o, float* m_out, float* l_out) {
   std::fill(o, o + d, 0.0f);
   *m_out = -std::numeric_limits<float>::infinity();
   *l_out = 0.0f;
@@ -315,7 +328,9 @@ void attend_row(const float* q, const float* k, int64_t ldk, const float* v, int
 
 }  // namespace
 
-TileKernels avx512_tile_kernels() { return {&gemm, &softmax_fwd, &softmax_bwd, &bf16_to_float, &attend_row}; }
+TileKernels avx512_tile_kernels() {
+  return {&gemm, &softmax_fwd, &softmax_bwd, &bf16_to_float, &attend_row<float>, &attend_row<uint16_t>};
+}
 
 }  // namespace attn
 }  // namespace cpu

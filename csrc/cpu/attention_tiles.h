@@ -66,12 +66,17 @@ constexpr int64_t kDecodeRows = 4;
 using AttendRowFn = void (*)(const float* q, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t nk,
                              int64_t d, float* s, float* o, float* m, float* l);
 
+// The same for bf16 K and V (bits), converted to fp32 as they are read.
+using AttendRowBf16Fn = void (*)(const float* q, const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv,
+                                 int64_t nk, int64_t d, float* s, float* o, float* m, float* l);
+
 struct TileKernels {
   GemmFn gemm;
   SoftmaxFwdFn softmax_fwd;
   SoftmaxBwdFn softmax_bwd;
   Bf16ToFloatFn bf16_to_float;
-  AttendRowFn attend_row;  // nullptr: decode blocks take the tile path too
+  AttendRowFn attend_row;            // nullptr: decode blocks take the tile path too
+  AttendRowBf16Fn attend_row_bf16;   // nullptr: bf16 decode blocks take attend_row on fp32 copies
 };
 
 // bf16 inputs with avx512_bf16 dot products (vdpbf16ps: two bf16 products summed into an fp32 lane).
