@@ -47,8 +47,10 @@ GEMM that writes them and the one that reads them. All backends implement one sc
         pre_act of shape (0,): recompute it. Gradients of absent biases have shape (0,).
 
 Measured on the 2-core development CPU at 4096 x 768 x 3072 (forward+backward, interleaved medians,
-`fusedlm bench`; load average 0.4-1.7, 2026-11-30): fp32 1.00-1.07x the six GEMMs alone (eager
-1.07-1.10x), bf16 1.05-1.09x (eager 1.08-1.13x); recompute=True adds 0.89-1.05 of one GEMM's time. Every parallel region costs
+`make bench`, 2026-12-01; README.md has the table): fp32 1.016x the six GEMMs alone (eager 1.09x),
+bf16 1.065x (eager 1.16x; 0.99x to 1.065x over four runs that day: the six bf16 GEMMs take only
+125-143 ms there, so the op's element-wise passes, about 7 ms per step, decide the ratio);
+recompute=True adds 0.83 (fp32) and 1.02 (bf16) of one GEMM's time. Every parallel region costs
 milliseconds on a machine whose cores are taken by other processes, and the token blocks multiply
 them (about ten per block): under load averages of 5-10 the ratio grows to 1.2-1.5x
 (csrc/torch/layernorm_mlp.cpp has the block-size measurements).
