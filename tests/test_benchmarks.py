@@ -215,3 +215,28 @@ def test_target_lines_pair_the_reps_by_round():
     assert "0.200x (paired by round: 0.800x) vs six GEMMs (goal >= 0.900x)" in lines[0]
     assert bench_run.paired_ratio([1.0, 2.0, 4.0], [2.0, 2.0, 2.0]) == 1.0
     assert bench_run.paired_ratio([1.0], [1.0, 2.0]) is None
+
+
+def test_layernorm_mlp_target_notes_judge_recompute_and_saved_bytes():
+    """recompute's extra forward+backward time in units of one GEMM (the six GEMMs' forward over two), and
+    the bytes saved for backward beyond the parameters as a share of eager's, each against its goal."""
+    from fusedlm.benchmarks import layernorm_mlp as mlp_bench
+
+    case = harness.Case("layernorm_mlp", "gpt2", (64, 8, 32), "float32", "cpu")
+    params = mlp_bench._param_bytes(case)
+    assert params == (2 * 8 * 32 + 32 + 3 * 8) * 4
+    rows = []
+    # (provider, mode, median ms, bytes saved beyond the parameters)
+    for name, mode, ms, saved in (("six GEMMs", "forward", 10.0, 0), ("fusedlm[cpu]", "forward+backward", 40.0, 500),
+                                  ("fusedlm[cpu,recompute]", "forward+backward", 46.0, 160),
+                                  ("eager", "forward+backward", 50.0, 1000)):
+        row = harness.Row(case, name, mode, median_ms=ms, saved_bytes=saved + params)
+        rows.append(row)
+    lines = mlp_bench.target_notes(rows)
+    assert len(lines) == 3
+    assert lines[0].startswith("target MISSED: gpt2 64x8x32 float32 fusedlm[cpu,recompute] forward+backward adds 6.0 ms,")
+    assert "1.20 of one GEMM's 5.0 ms" in lines[0]
+    assert lines[1].startswith("target met: gpt2 64x8x32 float32 fusedlm[cpu] saves 50.00% of eager's bytes")
+    assert lines[2].startswith("target MISSED: gpt2 64x8x32 float32 fusedlm[cpu,recompute] saves 16.00%")
+    rows[2].median_ms = 44.0  # 0.8 of a GEMM
+    assert mlp_bench.target_notes(rows)[0].startswith("target met: ")
