@@ -99,12 +99,11 @@ def target_notes(rows: list) -> list:
             lines.append(f"target {verdict}: {name} fusedlm[{backend},recompute] forward+backward adds "
                          f"{rc.median_ms - r.median_ms:.1f} ms, {cost:.2f} of one GEMM's {gemm:.1f} ms (the six "
                          f"GEMMs' forward over two; goal <= {RECOMPUTE_GEMMS:.2f})")
-        eager = by_key.get((r.case, "eager", "forward+backward"))
+        eager, params = by_key.get((r.case, "eager", "forward+backward")), _param_bytes(r.case)
         for suffix, goal in SAVED_SHARE.items():
             mine = by_key.get((r.case, f"fusedlm[{backend}{suffix}]", "forward+backward"))
             if not (mine and eager and mine.saved_bytes is not None and eager.saved_bytes):
                 continue
-            params = _param_bytes(r.case)
             share = (mine.saved_bytes - params) / (eager.saved_bytes - params)
             verdict = "met" if share <= goal else "MISSED"
             lines.append(f"target {verdict}: {name} fusedlm[{backend}{suffix}] saves {share:.2%} of eager's bytes "

@@ -104,7 +104,7 @@ def markdown(opmod, rows: list, skipped: dict, info: dict) -> str:
                      + ", ".join(f"{v} {s} {d} {t:.1f} s" for v, s, d, t in compiles) + "."]
     lines.append("")
     lines += [f"- {t}" for t in target_lines(opmod, rows)]
-    lines += [f"- {t}" for t in getattr(opmod, "target_notes", lambda rows: [])(rows)]  # goals of other shapes
+    lines += [f"- {t}" for t in getattr(opmod, "target_notes", lambda rows: [])(rows)]  # goals that are no speed ratio
     errors = sorted({(r.provider, r.case.variant, r.case.label, r.case.dtype, r.error) for r in rows if r.error})
     for prov, variant, label, dtype, err in errors:
         lines.append(f"- (!) {prov}, {variant} {label} {dtype}: {err}")
