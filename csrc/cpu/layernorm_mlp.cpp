@@ -135,7 +135,8 @@ template <typename T>
 void act_fwd_typed(const MlpActFwdArgs& a) {
   const int64_t cols = is_gated(a.activation) ? 2 * a.h : a.h;
   std::vector<float> bias_copy;
-  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols};
+  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols,
+                  a.bias != nullptr && a.store_pre};
   mlp::FwdColsFn fn = mlp::fwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) {
@@ -158,7 +159,7 @@ void act_bwd_typed(const MlpActBwdArgs& a) {
   const int64_t cols = gated ? 2 * a.h : a.h;
   std::vector<float> bias_copy;
   const ActCols p{const_cast<void*>(a.pre), fp32_bias<T>(a.bias, cols, &bias_copy), a.dact_act, a.dpre, a.rows, a.h,
-                  cols};
+                  cols, false};
   mlp::BwdColsFn fn = mlp::bwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) {
@@ -200,6 +201,23 @@ void column_sum_typed(const T* x, int64_t rows, int64_t cols, float* acc, Isa is
     std::vector<float> s(c1 - c0, 0.0f);
     fn(x, rows, cols, c0, c1, s.data());
     for (int64_t j = c0; j < c1; ++j) acc[j] += s[j - c0];
+  }
+}
+
+template <typename T>
+void add_rows_typed(const MlpAddRowsArgs& a) {
+  std::vector<float> bias_copy;
+  const float* bias = fp32_bias<T>(a.bias, a.cols, &bias_copy);
+  mlp::AddRowsFn fn = mlp::add_rows<mlp::ScalarIsa, T>;
+#if FUSEDLM_X86
+  if (a.isa == Isa::Avx512) fn = mlp::avx512_add_rows<T>();
+#endif
+  const int nt = a.rows * a.cols < kMinParallelElems ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.rows)));
+  const int64_t per = (a.rows + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int t = 0; t < nt; ++t) {
+    const int64_t r0 = std::min(a.rows, t * per), r1 = std::min(a.rows, r0 + per);
+    if (r0 < r1) fn(a.y, a.res, bias, a.cols, r0, r1);
   }
 }
 
@@ -279,6 +297,11 @@ void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, floa
     return column_sum_typed(static_cast<const bf16*>(x), rows, cols, acc, isa, num_threads);
   }
   column_sum_typed(static_cast<const float*>(x), rows, cols, acc, isa, num_threads);
+}
+
+void mlp_add_rows(const MlpAddRowsArgs& args) {
+  if (args.dtype == DType::BFloat16) return add_rows_typed<bf16>(args);
+  add_rows_typed<float>(args);
 }
 
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,

@@ -30,9 +30,10 @@ constexpr bool is_gated(Activation a) { return a == Activation::Swiglu || a == A
 // One block of rows after the fc GEMM. pre: (rows, fc_out) with fc_out = 2h when gated, else h;
 // act: (rows, h). Both row-major and contiguous.
 struct MlpActFwdArgs {
-  void* pre;           // in: fc(norm(x)) of the block; out: + bias (rounded to the element type)
+  void* pre;           // in: fc(norm(x)) of the block; out: + bias (rounded to the element type) if store_pre
   const void* bias;    // (fc_out,) or nullptr: then pre is only read
-  void* act;           // out: act(pre)
+  void* act;           // out: act(pre + bias), f taken before the rounding of pre + bias
+  bool store_pre;      // false: pre is scratch (the forward of recompute=True), only read
   int64_t rows;
   int64_t h;
   Activation activation;
@@ -66,6 +67,20 @@ void mlp_act_bwd(const MlpActBwdArgs& args);
 // acc[j] += sum_i x[i, j] over a (rows, cols) block, in fp32, in an order fixed by the rows (the
 // proj bias gradient, sum of d(y)); the same bits for any thread count.
 void column_sum_acc(const void* x, int64_t rows, int64_t cols, DType dtype, float* acc, Isa isa, int num_threads);
+
+// y (rows, cols) += bias (cols,) + res (rows, cols), in fp32, rounded once to the element type: the
+// proj bias and the residual added to one block's proj GEMM output. bias and res may be nullptr.
+struct MlpAddRowsArgs {
+  void* y;
+  const void* res;
+  const void* bias;
+  int64_t rows;
+  int64_t cols;
+  DType dtype;
+  Isa isa;
+  int num_threads;
+};
+void mlp_add_rows(const MlpAddRowsArgs& args);
 
 // The bf16 weight-gradient GEMM results x0 (n0 elements) and x1 (n1) of one token block folded
 // into their fp32 sums acc0, acc1, in one parallel region. First: acc = x; Middle: acc += x;

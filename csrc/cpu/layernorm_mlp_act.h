@@ -39,6 +39,7 @@ struct ActCols {
   int64_t rows;
   int64_t h;
   int64_t cols;
+  bool store_pre;     // fwd only: write pre + bias back over pre
 };
 
 using FwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1);
@@ -48,6 +49,9 @@ using BwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1, float* cs);
 // fixed by the rows alone (four at a time; the same bits in every instance and for any thread count).
 using SumColsFn = void (*)(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, float* cs);
 
+// add_rows below: y += bias + res over rows [r0, r1).
+using AddRowsFn = void (*)(void* y, const void* res, const float* bias, int64_t cols, int64_t r0, int64_t r1);
+
 #if FUSEDLM_X86
 // The AVX-512 instances (layernorm_mlp_avx512.cpp), for T = float and rows::bf16.
 template <typename T>
@@ -56,6 +60,8 @@ template <typename T>
 BwdColsFn avx512_bwd_cols(Activation a);
 template <typename T>
 SumColsFn avx512_sum_cols();
+template <typename T>
+AddRowsFn avx512_add_rows();
 // The bf16 instances with vcvtneps2bf16 (layernorm_mlp_avx512_bf16.cpp), for CPUs with avx512_bf16.
 FwdColsFn avx512_bf16_fwd_cols(Activation a);
 BwdColsFn avx512_bf16_bwd_cols(Activation a);
@@ -165,8 +171,13 @@ inline __attribute__((always_inline)) void for_row_groups(int64_t rows, Body&& b
   for (; i < rows; ++i) body(i, std::integral_constant<int, 1>{});
 }
 
-// Forward over columns [c0, c1) of act for every row: pre (+= bias, stored), act = f(pre)
-// (gated: f(a) * b); rows in groups of four (for_row_groups).
+// Forward over columns [c0, c1) of act for every row: u = pre + bias, act = f(u) (gated: f(u_a) u_b);
+// rows in groups of four (for_row_groups). u is stored over pre (rounded to T: the saved pre_act)
+// when p.store_pre, and f takes u before that rounding: the store is then off the chain that ends
+// in act (a fifth less time for this pass in bf16: the rounding and the widening back sat on it).
+// The backward takes f and f' at the stored, rounded u, so in bf16 the forward's act and the one
+// the backward recomputes for the proj weight gradient may differ in the last bit; each is f of
+// the pre-activation to within bf16 rounding.
 template <class K, typename T, Activation A>
 void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
   using V = typename K::V;
@@ -180,12 +191,18 @@ void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
         T* act = static_cast<T*>(p.act) + (i0 + r) * p.h;
         if constexpr (R == kRowGroup) prefetch_next_group<K, kGated, T>(p, pre, nullptr, act, j);
         V a = K::load(pre + j, m);
-        if (p.bias != nullptr) a = K::store(pre + j, a + K::loadf(p.bias + j, m), m);
+        if (p.bias != nullptr) {
+          a = a + K::loadf(p.bias + j, m);
+          if (p.store_pre) K::store(pre + j, a, m);
+        }
         V f, df;
         terms<A, std::is_same_v<T, rows::bf16>>(a, &f, &df);
         if constexpr (kGated) {
           V b = K::load(pre + p.h + j, m);
-          if (p.bias != nullptr) b = K::store(pre + p.h + j, b + K::loadf(p.bias + p.h + j, m), m);
+          if (p.bias != nullptr) {
+            b = b + K::loadf(p.bias + p.h + j, m);
+            if (p.store_pre) K::store(pre + p.h + j, b, m);
+          }
           f = f * b;
         }
         K::store(act + j, f, m);
@@ -273,6 +290,23 @@ void sum_cols(const void* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1,
       K::add_to(cs + (j - c0), v, m);
     }
   });
+}
+
+// y[i, j] += bias[j] + res[i, j] over rows [r0, r1) of (rows, cols) y and res, in fp32, rounded once
+// to T; bias (fp32) and res may each be nullptr.
+template <class K, typename T>
+void add_rows(void* y, const void* res, const float* bias, int64_t cols, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* yr = static_cast<T*>(y) + i * cols;
+    const T* rr = res != nullptr ? static_cast<const T*>(res) + i * cols : nullptr;
+    for (int64_t j = 0; j < cols; j += K::W) {
+      const auto m = K::mask(cols - j);
+      typename K::V v = K::load(yr + j, m);
+      if (bias != nullptr) v = v + K::loadf(bias + j, m);
+      if (rr != nullptr) v = v + K::load(rr + j, m);
+      K::store(yr + j, v, m);
+    }
+  }
 }
 
 template <class K, typename T>

@@ -1,4 +1,4 @@
-// AVX-512 instances of the activation passes (and the column sums) of layernorm_mlp, fp32 and bf16 tensors (the loops
+// AVX-512 instances of the activation passes (and the column sums and row adds) of layernorm_mlp, fp32 and bf16 tensors (the loops
 // are in layernorm_mlp_act.h, the math and the ISA class in layernorm_mlp_avx512_isa.h). Compiled
 // for AVX-512 (the region of avx512_region_begin.h) and called only after the run-time CPU check
 // (select_isa), so the library still runs on CPUs without it. On CPUs with avx512_bf16, bf16
@@ -31,12 +31,18 @@ template <typename T>
 SumColsFn avx512_sum_cols() {
   return sum_cols<Avx512Isa, T>;
 }
+template <typename T>
+AddRowsFn avx512_add_rows() {
+  return add_rows<Avx512Isa, T>;
+}
 template FwdColsFn avx512_fwd_cols<float>(Activation);
 template FwdColsFn avx512_fwd_cols<bf16>(Activation);
 template BwdColsFn avx512_bwd_cols<float>(Activation);
 template BwdColsFn avx512_bwd_cols<bf16>(Activation);
 template SumColsFn avx512_sum_cols<float>();
 template SumColsFn avx512_sum_cols<bf16>();
+template AddRowsFn avx512_add_rows<float>();
+template AddRowsFn avx512_add_rows<bf16>();
 
 }  // namespace mlp
 }  // namespace cpu

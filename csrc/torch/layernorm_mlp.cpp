@@ -5,7 +5,8 @@
 // Token blocks. The rows are processed in blocks of `token_block` rows; per block the forward
 // runs the norm (the layer_norm row kernels) into a (block, d) buffer, the fc GEMM into pre_act
 // (or a block buffer when recompute), the bias + activation pass into a (block, h) buffer, and
-// the proj GEMM accumulating into y = x + proj_bias. Neither the normalised x nor the
+// the proj GEMM into y's rows, then one pass adding x and proj_bias to them (cheaper here than
+// starting y as x + proj_bias with ATen's add and accumulating with a beta = 1 GEMM). Neither the normalised x nor the
 // activation output ever exists for all rows; the (block, h) intermediates are written by one
 // GEMM and read by the next while they are still in the last-level cache. The backward, per
 // block: the norm again, (the fc GEMM again when recompute, into the d(pre) buffer), d(act) = dy
@@ -129,6 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
         aa.pre = pre_b.data_ptr();
         aa.bias = ptr_or_null(fc_bias);
         aa.act = act.data_ptr();
+        aa.store_pre = !recompute;
         aa.rows = rows;
         aa.h = dims.h;
         aa.activation = static_cast<cpu::Activation>(dims.activation);
@@ -136,6 +138,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
         aa.isa = isa;
         aa.num_threads = at::get_num_threads();
         cpu::mlp_act_fwd(aa);
+      },
+      [&](const Tensor& y_b, int64_t r0) {
+        cpu::MlpAddRowsArgs ar{};
+        ar.y = y_b.data_ptr();
+        ar.res = residual ? row_ptr(x, r0) : nullptr;
+        ar.bias = ptr_or_null(proj_bias);
+        ar.rows = y_b.size(0);
+        ar.cols = dims.d;
+        ar.dtype = dtype;
+        ar.isa = isa;
+        ar.num_threads = at::get_num_threads();
+        cpu::mlp_add_rows(ar);
       });
 }
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 
@@ -98,18 +99,22 @@ inline void fc_pre(at::Tensor& pre, const at::Tensor& xn, const at::Tensor& fc_w
 }
 
 // The forward over blocks of `block` token rows; the devices differ only in their norm and
-// activation kernels, passed in as
+// activation kernels and in how y gets the residual and the proj bias, passed in as
 //   norm_rows(r0, rows, xn, mean or nullptr (rmsnorm), rstd): xn = norm(x[r0 : r0 + rows]) and its statistics
 //   act_fwd(pre_b, act, rows): act[:rows] = act(pre_b (+ fc_bias, unless gemm_bias holds it))
-// y starts as x (+ proj_bias) for all rows in one pass, then each block's proj GEMM adds into its
-// rows. pre = xn fc_w^T (+ gemm_bias: the fc bias in the GEMM's epilogue, cuBLASLt on CUDA) is kept
+//   add_rows(y_b, r0): y_b += proj_bias + x[r0 : r0 + rows] (either as the call has them), after
+//     y_b = act_b proj_w^T; or nullptr: then y starts as x (+ proj_bias) for all rows in one pass
+//     and each block's proj GEMM adds into its rows (beta = 1, free in a GPU GEMM's epilogue; on
+//     the CPU a beta = 1 GEMM plus ATen's add cost more than one pass over the block's rows).
+// pre = xn fc_w^T (+ gemm_bias: the fc bias in the GEMM's epilogue, cuBLASLt on CUDA) is kept
 // for backward (pre_act) or, with recompute, lives in a block buffer.
-template <typename NormRows, typename ActFwd>
+template <typename NormRows, typename ActFwd, typename AddRows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& fc_weight, const std::optional<at::Tensor>& gemm_bias,
     const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias, const Dims& dims, bool rms,
-    bool residual, bool recompute, int64_t block, NormRows norm_rows, ActFwd act_fwd) {
+    bool residual, bool recompute, int64_t block, NormRows norm_rows, ActFwd act_fwd, AddRows add_rows) {
   using at::Tensor;
+  constexpr bool kInitY = std::is_same_v<AddRows, std::nullptr_t>;
   const int64_t m = dims.m, d = dims.d, fc_out = dims.fc_out, h = dims.h;
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor y = at::empty({m, d}, x.options());
@@ -121,13 +126,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   Tensor act = at::empty({block, h}, x.options());
   const Tensor fc_wt = fc_weight.t(), proj_wt = proj_weight.t();
 
-  const bool accumulate_y = residual || proj_bias.has_value();
-  if (residual && proj_bias.has_value()) {
-    at::add_out(y, x, *proj_bias);
-  } else if (residual) {
-    y.copy_(x);
-  } else if (proj_bias.has_value()) {
-    y.copy_(proj_bias->expand({m, d}));
+  const bool add_to_y = residual || proj_bias.has_value();
+  if constexpr (kInitY) {
+    if (residual && proj_bias.has_value()) {
+      at::add_out(y, x, *proj_bias);
+    } else if (residual) {
+      y.copy_(x);
+    } else if (proj_bias.has_value()) {
+      y.copy_(proj_bias->expand({m, d}));
+    }
   }
   for (int64_t r0 = 0; r0 < m; r0 += block) {
     const int64_t rows = std::min(block, m - r0);
@@ -137,10 +144,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     act_fwd(pre_b, act, rows);
     Tensor y_b = y.narrow(0, r0, rows);
     const Tensor act_b = act.narrow(0, 0, rows);
-    if (accumulate_y) {
+    if (kInitY && add_to_y) {
       y_b.addmm_(act_b, proj_wt);
     } else {
       at::mm_out(y_b, act_b, proj_wt);
+      if constexpr (!kInitY) {
+        if (add_to_y) add_rows(y_b, r0);
+      }
     }
   }
   return {y, mean, rstd, pre_act};

@@ -91,7 +91,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cuda(
       },
       [&](const Tensor& pre_b, const Tensor& act, int64_t rows) {
         check_launch(op, kernels::mlp_act_fwd(dtype, act_kind, pre_b.data_ptr(), act.data_ptr(), rows, dims.h, stream));
-      });
+      },
+      nullptr);
 }
 
 // acc (fp32) += a b with fp32 accumulation across calls (see the top).
