@@ -3,10 +3,12 @@
 // the AVX-512 instances (layernorm_mlp_avx512.cpp; layernorm_mlp_avx512_bf16.cpp for bf16 tensors
 // on CPUs with avx512_bf16) at run time.
 //
-// Threads split the columns of a block, not its rows: every thread walks all rows of its column
-// range, so each fc-bias gradient column is summed by one thread in a fixed order (the same bits
-// for any thread count, without per-thread partial rows to reduce), and the ranges are long
-// contiguous runs of each row (h / threads columns) that the prefetchers stream.
+// The activation passes and the column sums split the columns of a block among the threads, not
+// its rows: every thread walks all rows of its column range, so each fc-bias gradient column is
+// summed by one thread in a fixed order (the same bits for any thread count, without per-thread
+// partial rows to reduce), and the ranges are long contiguous runs of each row (h / threads
+// columns) that the prefetchers stream. The residual pass (mlp_add_rows) sums nothing and splits
+// the rows.
 //
 // Memory traffic per element of a (rows, h) block: forward reads pre, writes act (and pre when a
 // bias is added): 2-3 accesses; backward reads pre and d(act), writes d(pre) and act: 4 (gated:
@@ -212,7 +214,9 @@ void add_rows_typed(const MlpAddRowsArgs& a) {
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) fn = mlp::avx512_add_rows<T>();
 #endif
-  const int nt = a.rows * a.cols < kMinParallelElems ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.rows)));
+  const int nt = a.rows * a.cols < kMinParallelElems
+                     ? 1
+                     : int(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.rows)));
   const int64_t per = (a.rows + nt - 1) / nt;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int t = 0; t < nt; ++t) {

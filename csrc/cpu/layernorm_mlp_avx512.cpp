@@ -1,8 +1,9 @@
-// AVX-512 instances of the activation passes (and the column sums and row adds) of layernorm_mlp, fp32 and bf16 tensors (the loops
-// are in layernorm_mlp_act.h, the math and the ISA class in layernorm_mlp_avx512_isa.h). Compiled
-// for AVX-512 (the region of avx512_region_begin.h) and called only after the run-time CPU check
-// (select_isa), so the library still runs on CPUs without it. On CPUs with avx512_bf16, bf16
-// tensors take layernorm_mlp_avx512_bf16.cpp's instance instead.
+// AVX-512 instances of the activation passes (and the column sums and the residual pass) of
+// layernorm_mlp, fp32 and bf16 tensors (the loops are in layernorm_mlp_act.h, the math and the ISA
+// class in layernorm_mlp_avx512_isa.h). Compiled for AVX-512 (the region of avx512_region_begin.h)
+// and called only after the run-time CPU check (select_isa), so the library still runs on CPUs
+// without it. On CPUs with avx512_bf16, bf16 tensors take layernorm_mlp_avx512_bf16.cpp's
+// activation passes instead.
 #include "cpu/avx512_math.h"
 #include "cpu/layer_norm_rows.h"
 #include "cpu/layernorm_mlp.h"  // before the AVX-512 region: no header code is compiled for it
