@@ -30,7 +30,7 @@ constexpr bool is_gated(Activation a) { return a == Activation::Swiglu || a == A
 // One block of rows after the fc GEMM. pre: (rows, fc_out) with fc_out = 2h when gated, else h;
 // act: (rows, h). Both row-major and contiguous.
 struct MlpActFwdArgs {
-  void* pre;           // in: fc(norm(x)) of the block; out: + bias (rounded to the element type) if store_pre
+  void* pre;           // in: fc(norm(x)) of the block; out (store_pre): + bias, rounded to x's type
   const void* bias;    // (fc_out,) or nullptr: then pre is only read
   void* act;           // out: act(pre + bias), f taken before the rounding of pre + bias
   bool store_pre;      // false: pre is scratch (the forward of recompute=True), only read

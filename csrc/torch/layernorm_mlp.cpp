@@ -6,9 +6,10 @@
 // runs the norm (the layer_norm row kernels) into a (block, d) buffer, the fc GEMM into pre_act
 // (or a block buffer when recompute), the bias + activation pass into a (block, h) buffer, and
 // the proj GEMM into y's rows, then one pass adding x and proj_bias to them (cheaper here than
-// starting y as x + proj_bias with ATen's add and accumulating with a beta = 1 GEMM). Neither the normalised x nor the
-// activation output ever exists for all rows; the (block, h) intermediates are written by one
-// GEMM and read by the next while they are still in the last-level cache. The backward, per
+// starting y as x + proj_bias with ATen's add and accumulating with a beta = 1 GEMM). Neither
+// the normalised x nor the activation output ever exists for all rows; the (block, h)
+// intermediates are written by one GEMM and read by the next while they are still in the
+// last-level cache. The backward, per
 // block: the norm again, (the fc GEMM again when recompute, into the d(pre) buffer), d(act) = dy
 // proj_w, the activation-derivative pass (d(pre), in place over a recomputed pre, and act), the
 // two weight-gradient GEMMs accumulating across blocks, d(xn) = d(pre) fc_w, and the layer_norm
