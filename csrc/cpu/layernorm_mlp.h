@@ -90,5 +90,9 @@ enum class FoldStep { First, Middle, Last };
 void fold_bf16_block(void* x0, float* acc0, int64_t n0, void* x1, float* acc1, int64_t n1, FoldStep step,
                      int num_threads);
 
+// dst (cols, rows) = src^T for a contiguous (rows, cols) src of 2- or 4-byte elements (bits moved
+// as they are): a weight gradient computed in the other orientation (layernorm_mlp_bwd) put in place.
+void transpose(const void* src, int64_t rows, int64_t cols, int64_t elem_bytes, void* dst, int num_threads);
+
 }  // namespace cpu
 }  // namespace fusedlm
