@@ -137,7 +137,7 @@ template <typename T>
 void act_fwd_typed(const MlpActFwdArgs& a) {
   const int64_t cols = is_gated(a.activation) ? 2 * a.h : a.h;
   std::vector<float> bias_copy;
-  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols, a.store_pre};
+  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.act, nullptr, a.rows, a.h, cols};
   mlp::FwdColsFn fn = mlp::fwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) {
@@ -159,8 +159,7 @@ void act_bwd_typed(const MlpActBwdArgs& a) {
   const bool gated = is_gated(a.activation);
   const int64_t cols = gated ? 2 * a.h : a.h;
   std::vector<float> bias_copy;
-  const ActCols p{const_cast<void*>(a.pre), fp32_bias<T>(a.bias, cols, &bias_copy), a.dact_act, a.dpre, a.rows, a.h,
-                  cols, false};
+  const ActCols p{a.pre, fp32_bias<T>(a.bias, cols, &bias_copy), a.dact_act, a.dpre, a.rows, a.h, cols};
   mlp::BwdColsFn fn = mlp::bwd_cols_fn<mlp::ScalarIsa, T>(a.activation);
 #if FUSEDLM_X86
   if (a.isa == Isa::Avx512) {

@@ -30,10 +30,9 @@ constexpr bool is_gated(Activation a) { return a == Activation::Swiglu || a == A
 // One block of rows after the fc GEMM. pre: (rows, fc_out) with fc_out = 2h when gated, else h;
 // act: (rows, h). Both row-major and contiguous.
 struct MlpActFwdArgs {
-  void* pre;           // in: fc(norm(x)) of the block; out (store_pre): + bias, rounded to x's type
-  const void* bias;    // (fc_out,) or nullptr: then pre is only read
-  void* act;           // out: act(pre + bias), f taken before the rounding of pre + bias
-  bool store_pre;      // false: pre is scratch (the forward of recompute=True), only read
+  const void* pre;     // in: xn fc_w^T of the block, without the bias (the saved pre_act); only read
+  const void* bias;    // (fc_out,) or nullptr
+  void* act;           // out: act(pre + bias), pre + bias in fp32 (never rounded here)
   int64_t rows;
   int64_t h;
   Activation activation;
@@ -49,7 +48,8 @@ struct MlpActFwdArgs {
 // added): the same bits for any thread count.
 struct MlpActBwdArgs {
   const void* pre;     // (rows, fc_out); may be dpre itself (the backward's recompute path): see act_bwd_cols
-  const void* bias;    // (fc_out,) added to pre on the fly (pre recomputed without it), or nullptr
+  const void* bias;    // (fc_out,) or nullptr: u = pre + bias rounded to the element type (as one
+                       // GEMM with the bias would have stored it): pre is saved and recomputed without it
   void* dact_act;      // (rows, h) in: d(act); out: act
   void* dpre;          // (rows, fc_out) out
   float* dbias_acc;    // (fc_out,) fp32, or nullptr

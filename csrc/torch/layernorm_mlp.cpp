@@ -4,7 +4,8 @@
 //
 // Token blocks. The rows are processed in blocks of `token_block` rows; per block the forward
 // runs the norm (the layer_norm row kernels) into a (block, d) buffer, the fc GEMM into pre_act
-// (or a block buffer when recompute), the bias + activation pass into a (block, h) buffer, and
+// (or a block buffer when recompute; without the fc bias: the passes add it where they read pre
+// and the forward never writes pre back), the bias + activation pass into a (block, h) buffer, and
 // the proj GEMM into y's rows, then one pass adding x and proj_bias to them (cheaper here than
 // starting y as x + proj_bias with ATen's add and accumulating with a beta = 1 GEMM). Neither
 // the normalised x nor the activation output ever exists for all rows; the (block, h)
@@ -133,7 +134,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
         aa.pre = pre_b.data_ptr();
         aa.bias = ptr_or_null(fc_bias);
         aa.act = act.data_ptr();
-        aa.store_pre = !recompute;
         aa.rows = rows;
         aa.h = dims.h;
         aa.activation = static_cast<cpu::Activation>(dims.activation);
@@ -227,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
               rms, dtype, isa);
     const Tensor xn_b = xn.narrow(0, 0, rows);
     Tensor dpre_b = dpre.narrow(0, 0, rows);
-    if (recompute) at::mm_out(dpre_b, xn_b, fc_weight.t());  // pre without its bias; the pass adds it
+    if (recompute) at::mm_out(dpre_b, xn_b, fc_weight.t());  // pre without its bias, as the forward saves it
     const Tensor pre_b = recompute ? dpre_b : pre_act.narrow(0, r0, rows);
     const Tensor dy_b = dy.narrow(0, r0, rows);
     Tensor dact_b = dact.narrow(0, 0, rows);
@@ -235,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
 
     cpu::MlpActBwdArgs ab{};
     ab.pre = pre_b.data_ptr();
-    ab.bias = recompute ? ptr_or_null(fc_bias) : nullptr;
+    ab.bias = ptr_or_null(fc_bias);
     ab.dact_act = dact_b.data_ptr();
     ab.dpre = dpre_b.data_ptr();
     ab.dbias_acc = fc_bias.has_value() ? dfc_b.data_ptr<float>() : nullptr;

@@ -106,8 +106,9 @@ inline void fc_pre(at::Tensor& pre, const at::Tensor& xn, const at::Tensor& fc_w
 //     y_b = act_b proj_w^T; or nullptr: then y starts as x (+ proj_bias) for all rows in one pass
 //     and each block's proj GEMM adds into its rows (beta = 1, free in a GPU GEMM's epilogue; on
 //     the CPU a beta = 1 GEMM plus ATen's add cost more than one pass over the block's rows).
-// pre = xn fc_w^T (+ gemm_bias: the fc bias in the GEMM's epilogue, cuBLASLt on CUDA) is kept
-// for backward (pre_act) or, with recompute, lives in a block buffer.
+// pre = xn fc_w^T (+ gemm_bias: the fc bias in the GEMM's epilogue, cuBLASLt on CUDA; the CPU
+// passes add the bias where they read pre) is kept for backward (pre_act) or, with recompute,
+// lives in a block buffer.
 template <typename NormRows, typename ActFwd, typename AddRows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& fc_weight, const std::optional<at::Tensor>& gemm_bias,

@@ -40,7 +40,9 @@ GEMM that writes them and the one that reads them. All backends implement one sc
     fwd(x, norm_weight, norm_bias?, fc_weight, fc_bias?, proj_weight, proj_bias?, eps, rms,
         activation, residual, recompute) -> (y, mean, rstd, pre_act)
         x (M, d) contiguous; y (M, d); mean (M,) float32 ((0,) for rmsnorm); rstd (M,) float32;
-        pre_act (M, fc_out) in x's dtype, or (0,) when recompute.
+        pre_act (M, fc_out) in x's dtype, or (0,) when recompute: u as this backend's backward takes
+        it, with fc_bias on CUDA and Triton (the GEMM's epilogue adds it), without it on the CPU (the
+        element-wise passes add it where they read u; the forward then writes nothing back).
     bwd(dy, x, norm_weight, norm_bias?, fc_weight, fc_bias?, proj_weight, proj_bias?, pre_act, eps, rms,
         activation, residual)
         -> (dx, dnorm_weight, dnorm_bias, dfc_weight, dfc_bias, dproj_weight, dproj_bias)
@@ -55,8 +57,8 @@ the GEMMs'); recompute=True adds 0.90 (fp32) and 1.02 (bf16) of one GEMM's time.
 region costs milliseconds on a machine whose cores are taken by other processes, and the token
 blocks multiply them (about ten per block): under load averages of 5-10 the ratio grows to 1.2-1.5x
 (csrc/torch/layernorm_mlp.cpp has the block-size measurements). On the CPU the forward's act is f of
-pre + bias before its rounding to x's dtype, the backward's f and f' are taken at the saved, rounded
-pre_act (csrc/cpu/layernorm_mlp_act.h).
+pre + bias in float32, the backward's f and f' are taken at pre + bias rounded to x's dtype
+(csrc/cpu/layernorm_mlp_act.h).
 
 `fusedlm::layernorm_mlp_fwd` / `_bwd` are the C++ ops (CPU and CUDA); `fusedlm::layernorm_mlp_fwd_triton`
 / `_bwd_triton` wrap the Triton launchers of kernels/layernorm_mlp.py.
