@@ -10,8 +10,8 @@
 // columns) that the prefetchers stream. The residual pass (mlp_add_rows) sums nothing and splits
 // the rows.
 //
-// Memory traffic per element of a (rows, h) block: forward reads pre, writes act (and pre when a
-// bias is added): 2-3 accesses; backward reads pre and d(act), writes d(pre) and act: 4 (gated:
+// Memory traffic per element of a (rows, h) block: forward reads pre, writes act: 2 accesses (the
+// bias is added where pre is read, never written back); backward reads pre and d(act), writes d(pre) and act: 4 (gated:
 // 2h-wide pre and d(pre)). With the token blocks of csrc/torch/layernorm_mlp.cpp these stay in
 // the last-level cache between the GEMM that produces them and the GEMM that consumes them.
 #include "cpu/layernorm_mlp.h"
