@@ -21,8 +21,12 @@
 // once); bf16 over more blocks through a bf16 GEMM per block (fp32 accumulation inside it, as
 // ATen's bf16 matmul) whose results are summed in fp32, the last block rounding the sum into the
 // bf16 gradient. All of it runs in a fixed order: the gradients have the same bits on every run.
+//
+// Each pass is a profiler range (RECORD_FUNCTION, "fusedlm::cpu::<pass>"): torch.profiler and
+// `python -m fusedlm.benchmarks.profile` show them beside the ATen GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -110,6 +114,7 @@ void norm_rows(const Tensor& x, int64_t r0, int64_t rows, const Tensor& norm_wei
   a.dtype = dtype;
   a.isa = isa;
   a.num_threads = at::get_num_threads();
+  RECORD_FUNCTION("fusedlm::cpu::layer_norm_fwd", {});
   cpu::layer_norm_fwd(a);
 }
 
@@ -140,6 +145,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
         aa.dtype = dtype;
         aa.isa = isa;
         aa.num_threads = at::get_num_threads();
+        RECORD_FUNCTION("fusedlm::cpu::mlp_act_fwd", {});
         cpu::mlp_act_fwd(aa);
       },
       [&](const Tensor& y_b, int64_t r0) {
@@ -152,6 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layernorm_mlp_fwd_cpu(
         ar.dtype = dtype;
         ar.isa = isa;
         ar.num_threads = at::get_num_threads();
+        RECORD_FUNCTION("fusedlm::cpu::mlp_add_rows", {});
         cpu::mlp_add_rows(ar);
       });
 }
@@ -245,7 +252,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     ab.dtype = dtype;
     ab.isa = isa;
     ab.num_threads = nt;
-    cpu::mlp_act_bwd(ab);
+    {
+      RECORD_FUNCTION("fusedlm::cpu::mlp_act_bwd", {});
+      cpu::mlp_act_bwd(ab);
+    }
 
     // dproj_w += dy^T act, dfc_w += d(pre)^T xn.
     const bool add = r0 > 0 && !bf16_fold;
@@ -278,13 +288,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     lb.dtype = dtype;
     lb.isa = isa;
     lb.num_threads = nt;
+    RECORD_FUNCTION("fusedlm::cpu::layer_norm_bwd", {});
     cpu::layer_norm_bwd(lb);
   }
-  if (proj_bias.has_value()) cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), isa, nt);
+  if (proj_bias.has_value()) {
+    RECORD_FUNCTION("fusedlm::cpu::column_sum", {});
+    cpu::column_sum_acc(dy.data_ptr(), m, d, dtype, dproj_b.data_ptr<float>(), isa, nt);
+  }
   const auto out = [&](const Tensor& acc) { return acc.to(x.scalar_type()); };
   const auto in_place = [&](const Tensor& g, bool flip) {
     if (!flip) return g;
     Tensor t = at::empty({g.size(1), g.size(0)}, g.options());
+    RECORD_FUNCTION("fusedlm::cpu::transpose", {});
     cpu::transpose(g.data_ptr(), g.size(0), g.size(1), g.element_size(), t.data_ptr(), nt);
     return t;
   };
