@@ -49,16 +49,15 @@ GEMM that writes them and the one that reads them. All backends implement one sc
         pre_act of shape (0,): recompute it. Gradients of absent biases have shape (0,).
 
 Measured on the 2-core development CPU at 4096 x 768 x 3072 (forward+backward, interleaved medians,
-`make bench`, 2026-12-01, commit bff1b32; README.md has the table): fp32 1.012x the six GEMMs alone
-(eager 1.08x), bf16 1.088x (eager 1.06x; 0.98x to 1.10x over the layernorm_mlp-only runs that day:
-the six bf16 GEMMs take only 125-145 ms there, so the op's element-wise passes and the first touch
-of its block buffers decide the ratio; timed apart, its forward and backward were each 3.3 ms over
-the GEMMs'); recompute=True adds 0.90 (fp32) and 1.02 (bf16) of one GEMM's time. Every parallel
-region costs milliseconds on a machine whose cores are taken by other processes, and the token
-blocks multiply them (about ten per block): under load averages of 5-10 the ratio grows to 1.2-1.5x
-(csrc/torch/layernorm_mlp.cpp has the block-size measurements). On the CPU the forward's act is f of
-pre + bias in float32, the backward's f and f' are taken at pre + bias rounded to x's dtype
-(csrc/cpu/layernorm_mlp_act.h).
+`make bench`, 2026-12-01, commit 5180730; README.md has the table): the op's time over the six GEMMs
+alone, fp32 1.021x (eager 1.08x), bf16 0.959x (eager 1.19x): timed apart, its bf16 forward is 3.2 ms
+over the GEMMs' (its norm, activation and residual passes) and its backward 0.7 ms under theirs (the
+weight-gradient GEMMs in their faster orientation); recompute=True adds 0.92 (fp32) and 1.02 (bf16)
+of one GEMM's time. Every parallel region costs milliseconds on a machine whose cores are taken by
+other processes, and the token blocks multiply them (about ten per block): under load averages of
+5-10 the ratio grows to 1.2-1.5x (csrc/torch/layernorm_mlp.cpp has the block-size measurements).
+On the CPU the forward's act is f of pre + bias in float32, the backward's f and f' are taken at
+pre + bias rounded to x's dtype (csrc/cpu/layernorm_mlp_act.h).
 
 `fusedlm::layernorm_mlp_fwd` / `_bwd` are the C++ ops (CPU and CUDA); `fusedlm::layernorm_mlp_fwd_triton`
 / `_bwd_triton` wrap the Triton launchers of kernels/layernorm_mlp.py.
