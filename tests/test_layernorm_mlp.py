@@ -331,6 +331,31 @@ def test_layernorm_mlp_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+def test_layernorm_mlp_cpu_same_bits_for_any_thread_count(dtype, activation):
+    """The CPU passes split the rows among the threads; the fc-bias gradient goes through partial sums
+    of fixed 64-row ranges: 1, 2 and 3 threads give the same bits. 333 rows: a last partial of 13
+    rows, a last row group of one; 333 x 200 passes the threading threshold (2^15 elements)."""
+    _require_cpu_kernel()
+    tensors = _inputs((333, 97), 200, dtype, "cpu", activation=activation, norm_bias=True, fc_bias=True,
+                      proj_bias=True)
+    gy = torch.randn(333, 97, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(fusedlm.layernorm_mlp, tensors, gy, activation=activation, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), *others = runs
+    for y, g in others:
+        assert torch.equal(y1, y)
+        for a, b in zip(g1, g):
+            assert torch.equal(a, b)
+
+
 def test_layernorm_mlp_auto_is_the_cpu_kernel():
     _require_cpu_kernel()
     tensors = _inputs((17, 48), 64, torch.float32, "cpu", activation="silu", norm_bias=True, fc_bias=True,

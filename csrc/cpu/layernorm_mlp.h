@@ -44,10 +44,10 @@ struct MlpActFwdArgs {
 // The backward of the activation over one block, in one pass: reads pre and d(act), writes
 // d(pre) and the recomputed act (over d(act), which it no longer needs: the proj weight
 // gradient is d(y)^T act). Column sums of d(pre) (the fc bias gradient) are added in fp32 to
-// dbias_acc, each column by one thread in an order fixed by the rows (four rows summed, then
-// added): the same bits for any thread count.
+// dbias_acc, in an order fixed by the rows (four rows summed, then added to a partial sum of 64
+// rows; the partials added in order): the same bits for any thread count.
 struct MlpActBwdArgs {
-  const void* pre;     // (rows, fc_out); may be dpre itself (the backward's recompute path): see act_bwd_cols
+  const void* pre;     // (rows, fc_out); may be dpre itself (the backward's recompute path): see act_bwd_rows
   const void* bias;    // (fc_out,) or nullptr: u = pre + bias rounded to the element type (as one
                        // GEMM with the bias would have stored it): pre is saved and recomputed without it
   void* dact_act;      // (rows, h) in: d(act); out: act

@@ -28,10 +28,10 @@ namespace fusedlm {
 namespace cpu {
 namespace mlp {
 
-// Arguments of one pass, as the drivers hand them to the column-range loops. bias: fp32 (converted
-// once per call) or nullptr; cols = fc_out is the row stride of pre and dpre; act (and dact) rows
-// are h wide.
-struct ActCols {
+// Arguments of one pass over `rows` rows, as the drivers hand them to the row loops (each thread a
+// contiguous range of rows, its pointers at its first row). bias: fp32 (converted once per call) or
+// nullptr; cols = fc_out is the row stride of pre and dpre; act (and dact) rows are h wide.
+struct ActRows {
   const void* pre;
   const float* bias;
   void* act;          // fwd: act out; bwd: in d(act), out act
@@ -41,8 +41,14 @@ struct ActCols {
   int64_t cols;
 };
 
-using FwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1);
-using BwdColsFn = void (*)(const ActCols&, int64_t c0, int64_t c1, float* cs);
+using FwdRowsFn = void (*)(const ActRows&);
+using BwdRowsFn = void (*)(const ActRows&, float* cs);
+
+// Rows per partial column sum of the backward pass (act_bwd_rows): the fc-bias gradient is summed
+// in partials of kSumRows rows each, which the driver adds in order. A thread's range of rows
+// starts at a multiple of kSumRows, so the partials, and the bits of the sum, do not depend on
+// the number of threads.
+constexpr int64_t kSumRows = 64;
 
 // cs[j - c0] += sum_i x[i, j] over columns [c0, c1) of a (rows, cols) block, in fp32, in an order
 // fixed by the rows alone (four at a time; the same bits in every instance and for any thread count).
@@ -54,16 +60,16 @@ using AddRowsFn = void (*)(void* y, const void* res, const float* bias, int64_t 
 #if FUSEDLM_X86
 // The AVX-512 instances (layernorm_mlp_avx512.cpp), for T = float and rows::bf16.
 template <typename T>
-FwdColsFn avx512_fwd_cols(Activation a);
+FwdRowsFn avx512_fwd_rows(Activation a);
 template <typename T>
-BwdColsFn avx512_bwd_cols(Activation a);
+BwdRowsFn avx512_bwd_rows(Activation a);
 template <typename T>
 SumColsFn avx512_sum_cols();
 template <typename T>
 AddRowsFn avx512_add_rows();
 // The bf16 instances with vcvtneps2bf16 (layernorm_mlp_avx512_bf16.cpp), for CPUs with avx512_bf16.
-FwdColsFn avx512_bf16_fwd_cols(Activation a);
-BwdColsFn avx512_bf16_bwd_cols(Activation a);
+FwdRowsFn avx512_bf16_fwd_rows(Activation a);
+BwdRowsFn avx512_bf16_bwd_rows(Activation a);
 #endif
 
 namespace {
@@ -151,7 +157,7 @@ constexpr int kRowGroup = 4;
 // Prefetch columns [j, j + W) of the rows kRowGroup below these ones of pre (both halves when
 // gated) and act, and of dpre unless it is nullptr.
 template <class K, bool kGated, typename T>
-inline __attribute__((always_inline)) void prefetch_next_group(const ActCols& p, const T* pre, const T* dpre,
+inline __attribute__((always_inline)) void prefetch_next_group(const ActRows& p, const T* pre, const T* dpre,
                                                                const T* act, int64_t j) {
   const int64_t below = kRowGroup * p.cols;
   K::prefetch(pre + below + j);
@@ -170,7 +176,7 @@ inline __attribute__((always_inline)) void for_row_groups(int64_t rows, Body&& b
   for (; i < rows; ++i) body(i, std::integral_constant<int, 1>{});
 }
 
-// Forward over columns [c0, c1) of act for every row: u = pre + bias in fp32, act = f(u) (gated:
+// Forward over every row and column of p: u = pre + bias in fp32, act = f(u) (gated:
 // f(u_a) u_b); rows in groups of four (for_row_groups). pre is only read: the forward saves pre_act
 // without its bias, and the backward takes f and f' at u rounded to T (the value a GEMM with the
 // bias in its epilogue would have stored). Not writing u back saves a third of this pass's memory
@@ -178,13 +184,13 @@ inline __attribute__((always_inline)) void for_row_groups(int64_t rows, Body&& b
 // in bf16 the forward's act and the one the backward recomputes for the proj weight gradient may
 // differ in the last bit, each f of the pre-activation to within bf16 rounding.
 template <class K, typename T, Activation A>
-void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
+void act_fwd_rows(const ActRows& p) {
   using V = typename K::V;
   constexpr bool kGated = is_gated(A);
   for_row_groups(p.rows, [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
-    for (int64_t j = c0; j < c1; j += K::W) {
-      const auto m = K::mask(c1 - j);
+    for (int64_t j = 0; j < p.h; j += K::W) {
+      const auto m = K::mask(p.h - j);
       for (int r = 0; r < R; ++r) {
         const T* pre = static_cast<const T*>(p.pre) + (i0 + r) * p.cols;
         T* act = static_cast<T*>(p.act) + (i0 + r) * p.h;
@@ -208,7 +214,7 @@ void act_fwd_cols(const ActCols& p, int64_t c0, int64_t c1) {
 // rounded as the forward stored it) and g = d(act); writes act over g and d(pre); returns the
 // rows' d(pre) summed in row order in *da_sum (gated: the b half's in *db_sum).
 template <class K, typename T, Activation A, int R>
-inline __attribute__((always_inline)) void act_bwd_step(const ActCols& p, int64_t i0, int64_t j,
+inline __attribute__((always_inline)) void act_bwd_step(const ActRows& p, int64_t i0, int64_t j,
                                                         typename K::Mask m, typename K::V* da_sum,
                                                         typename K::V* db_sum) {
   using V = typename K::V;
@@ -242,27 +248,30 @@ inline __attribute__((always_inline)) void act_bwd_step(const ActCols& p, int64_
   }
 }
 
-// Backward over columns [c0, c1) of act for every row (act_bwd_step), rows in groups of four
-// (for_row_groups): their d(pre) summed in registers, then added to the column sums cs[0, c1 - c0)
-// (gated: the b half to cs[c1 - c0, 2 (c1 - c0))) when cs is set, a quarter of the
-// read-modify-writes of cs. The sums' order is fixed by the rows alone: the same bits for any
-// thread count. (4096 x 3072 bf16, gelu_tanh, two threads: 4.5 ms with one row per step, 2.8 with four.)
+// Backward over every row and column of p (act_bwd_step), rows in groups of four
+// (for_row_groups): their d(pre) summed in registers, then added to the partial column sums of
+// their kSumRows rows when cs is set: partial k, of rows [k kSumRows, (k + 1) kSumRows) of p, at
+// cs + k s, s = h (gated: 2h, the b half after the a half), a quarter of the read-modify-writes
+// of one row per step. Within a partial the order is fixed by the rows alone. (4096 x 3072 bf16,
+// gelu_tanh, two threads: 4.5 ms with one row per step, 2.8 with four.)
 // pre and dpre may be one buffer (d(pre) written over a recomputed pre): each step loads pre[j]
 // (and pre[h + j]) before it stores dpre[j] (and dpre[h + j]), and no other step or thread touches
 // those positions; keep that order, and no __restrict__ on the two.
 template <class K, typename T, Activation A>
-void act_bwd_cols(const ActCols& p, int64_t c0, int64_t c1, float* cs) {
+void act_bwd_rows(const ActRows& p, float* cs) {
+  static_assert(kSumRows % kRowGroup == 0, "a row group must not straddle two partial sums");
   using V = typename K::V;
-  const int64_t width = c1 - c0;
+  const int64_t stride = is_gated(A) ? 2 * p.h : p.h;
   for_row_groups(p.rows, [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
-    for (int64_t j = c0; j < c1; j += K::W) {
-      const auto m = K::mask(c1 - j);
+    float* const part = cs != nullptr ? cs + (i0 / kSumRows) * stride : nullptr;
+    for (int64_t j = 0; j < p.h; j += K::W) {
+      const auto m = K::mask(p.h - j);
       V da, db;
       act_bwd_step<K, T, A, R>(p, i0, j, m, &da, &db);
-      if (cs != nullptr) {
-        K::add_to(cs + (j - c0), da, m);
-        if constexpr (is_gated(A)) K::add_to(cs + width + (j - c0), db, m);
+      if (part != nullptr) {
+        K::add_to(part + j, da, m);
+        if constexpr (is_gated(A)) K::add_to(part + p.h + j, db, m);
       }
     }
   });
@@ -303,27 +312,27 @@ void add_rows(void* y, const void* res, const float* bias, int64_t cols, int64_t
 }
 
 template <class K, typename T>
-FwdColsFn fwd_cols_fn(Activation a) {
+FwdRowsFn fwd_rows_fn(Activation a) {
   switch (a) {
-    case Activation::Gelu: return act_fwd_cols<K, T, Activation::Gelu>;
-    case Activation::GeluTanh: return act_fwd_cols<K, T, Activation::GeluTanh>;
-    case Activation::Relu: return act_fwd_cols<K, T, Activation::Relu>;
-    case Activation::Silu: return act_fwd_cols<K, T, Activation::Silu>;
-    case Activation::Swiglu: return act_fwd_cols<K, T, Activation::Swiglu>;
-    case Activation::Geglu: return act_fwd_cols<K, T, Activation::Geglu>;
+    case Activation::Gelu: return act_fwd_rows<K, T, Activation::Gelu>;
+    case Activation::GeluTanh: return act_fwd_rows<K, T, Activation::GeluTanh>;
+    case Activation::Relu: return act_fwd_rows<K, T, Activation::Relu>;
+    case Activation::Silu: return act_fwd_rows<K, T, Activation::Silu>;
+    case Activation::Swiglu: return act_fwd_rows<K, T, Activation::Swiglu>;
+    case Activation::Geglu: return act_fwd_rows<K, T, Activation::Geglu>;
   }
   return nullptr;
 }
 
 template <class K, typename T>
-BwdColsFn bwd_cols_fn(Activation a) {
+BwdRowsFn bwd_rows_fn(Activation a) {
   switch (a) {
-    case Activation::Gelu: return act_bwd_cols<K, T, Activation::Gelu>;
-    case Activation::GeluTanh: return act_bwd_cols<K, T, Activation::GeluTanh>;
-    case Activation::Relu: return act_bwd_cols<K, T, Activation::Relu>;
-    case Activation::Silu: return act_bwd_cols<K, T, Activation::Silu>;
-    case Activation::Swiglu: return act_bwd_cols<K, T, Activation::Swiglu>;
-    case Activation::Geglu: return act_bwd_cols<K, T, Activation::Geglu>;
+    case Activation::Gelu: return act_bwd_rows<K, T, Activation::Gelu>;
+    case Activation::GeluTanh: return act_bwd_rows<K, T, Activation::GeluTanh>;
+    case Activation::Relu: return act_bwd_rows<K, T, Activation::Relu>;
+    case Activation::Silu: return act_bwd_rows<K, T, Activation::Silu>;
+    case Activation::Swiglu: return act_bwd_rows<K, T, Activation::Swiglu>;
+    case Activation::Geglu: return act_bwd_rows<K, T, Activation::Geglu>;
   }
   return nullptr;
 }

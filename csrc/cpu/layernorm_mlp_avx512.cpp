@@ -21,12 +21,12 @@ namespace mlp {
 
 // Entry points for layernorm_mlp.cpp (declared in layernorm_mlp_act.h).
 template <typename T>
-FwdColsFn avx512_fwd_cols(Activation a) {
-  return fwd_cols_fn<Avx512Isa, T>(a);
+FwdRowsFn avx512_fwd_rows(Activation a) {
+  return fwd_rows_fn<Avx512Isa, T>(a);
 }
 template <typename T>
-BwdColsFn avx512_bwd_cols(Activation a) {
-  return bwd_cols_fn<Avx512Isa, T>(a);
+BwdRowsFn avx512_bwd_rows(Activation a) {
+  return bwd_rows_fn<Avx512Isa, T>(a);
 }
 template <typename T>
 SumColsFn avx512_sum_cols() {
@@ -36,10 +36,10 @@ template <typename T>
 AddRowsFn avx512_add_rows() {
   return add_rows<Avx512Isa, T>;
 }
-template FwdColsFn avx512_fwd_cols<float>(Activation);
-template FwdColsFn avx512_fwd_cols<bf16>(Activation);
-template BwdColsFn avx512_bwd_cols<float>(Activation);
-template BwdColsFn avx512_bwd_cols<bf16>(Activation);
+template FwdRowsFn avx512_fwd_rows<float>(Activation);
+template FwdRowsFn avx512_fwd_rows<bf16>(Activation);
+template BwdRowsFn avx512_bwd_rows<float>(Activation);
+template BwdRowsFn avx512_bwd_rows<bf16>(Activation);
 template SumColsFn avx512_sum_cols<float>();
 template SumColsFn avx512_sum_cols<bf16>();
 template AddRowsFn avx512_add_rows<float>();

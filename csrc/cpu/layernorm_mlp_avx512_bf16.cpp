@@ -19,8 +19,8 @@ namespace cpu {
 namespace mlp {
 
 // Entry points for layernorm_mlp.cpp (declared in layernorm_mlp_act.h).
-FwdColsFn avx512_bf16_fwd_cols(Activation a) { return fwd_cols_fn<Avx512Isa, bf16>(a); }
-BwdColsFn avx512_bf16_bwd_cols(Activation a) { return bwd_cols_fn<Avx512Isa, bf16>(a); }
+FwdRowsFn avx512_bf16_fwd_rows(Activation a) { return fwd_rows_fn<Avx512Isa, bf16>(a); }
+BwdRowsFn avx512_bf16_bwd_rows(Activation a) { return bwd_rows_fn<Avx512Isa, bf16>(a); }
 
 }  // namespace mlp
 }  // namespace cpu
