@@ -227,8 +227,12 @@ def layernorm_mlp(x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, pr
     def contiguous(t):
         return t.contiguous() if t is not None else None
 
+    # With no gradient to take (inference, torch.no_grad) nothing is saved, so the forward runs as with
+    # recompute: no (tokens, fc_out) pre_act is written, only block buffers (the same y, bit for bit).
+    params = (x, norm_weight, norm_bias, fc_weight, fc_bias, proj_weight, proj_bias)
+    saves = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     shape = x.shape
     y, _, _, _ = fwd(x.reshape(-1, d).contiguous(), norm_weight.contiguous(), contiguous(norm_bias),
                      fc_weight.contiguous(), contiguous(fc_bias), proj_weight.contiguous(), contiguous(proj_bias),
-                     float(eps), norm == "rmsnorm", activation, bool(residual), bool(recompute))
+                     float(eps), norm == "rmsnorm", activation, bool(residual), bool(recompute) or not saves)
     return y.view(shape)
