@@ -1,4 +1,4 @@
-// Internal to csrc/cpu/layernorm_mlp*.cpp: the activation math and the column-range loops of the
+// Internal to csrc/cpu/layernorm_mlp*.cpp: the activation math and the row loops of the
 // element-wise passes, written once over an ISA class K and included by three files:
 // layernorm_mlp.cpp (K = ScalarIsa, V = float), layernorm_mlp_avx512.cpp and
 // layernorm_mlp_avx512_bf16.cpp (K = Avx512Isa of layernorm_mlp_avx512_isa.h, V = __m512, 16
