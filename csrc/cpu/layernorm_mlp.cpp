@@ -1,5 +1,5 @@
-// The element-wise passes of the CPU LayerNorm + feed-forward op: the drivers (OpenMP over column
-// ranges), the portable scalar instances of the loops of layernorm_mlp_act.h, and the choice of
+// The element-wise passes of the CPU LayerNorm + feed-forward op: the drivers (OpenMP over row
+// ranges; column ranges for the column sums), the portable scalar instances of the loops of layernorm_mlp_act.h, and the choice of
 // the AVX-512 instances (layernorm_mlp_avx512.cpp; layernorm_mlp_avx512_bf16.cpp for bf16 tensors
 // on CPUs with avx512_bf16) at run time.
 //
