@@ -1,7 +1,7 @@
 // The element-wise passes of the CPU LayerNorm + feed-forward op: the drivers (OpenMP over row
-// ranges; column ranges for the column sums), the portable scalar instances of the loops of layernorm_mlp_act.h, and the choice of
-// the AVX-512 instances (layernorm_mlp_avx512.cpp; layernorm_mlp_avx512_bf16.cpp for bf16 tensors
-// on CPUs with avx512_bf16) at run time.
+// ranges; column ranges for the column sums), the portable scalar instances of the loops of
+// layernorm_mlp_act.h, and the choice of the AVX-512 instances (layernorm_mlp_avx512.cpp;
+// layernorm_mlp_avx512_bf16.cpp for bf16 tensors on CPUs with avx512_bf16) at run time.
 //
 // The activation passes and the residual pass split the rows of a block among the threads: each
 // thread streams one contiguous range of every array (at 4096 x 768 x 3072 bf16, two threads, in
