@@ -49,13 +49,15 @@ GEMM that writes them and the one that reads them. All backends implement one sc
         pre_act of shape (0,): recompute it. Gradients of absent biases have shape (0,).
 
 Measured on the 2-core development CPU at 4096 x 768 x 3072 (forward+backward, interleaved medians,
-`make bench`, 2026-12-01, commit 5180730; README.md has the table): the op's time over the six GEMMs
-alone, fp32 1.021x (eager 1.08x), bf16 0.959x (eager 1.19x): timed apart, its bf16 forward is 3.2 ms
-over the GEMMs' (its norm, activation and residual passes) and its backward 0.7 ms under theirs (the
-weight-gradient GEMMs in their faster orientation); recompute=True adds 0.92 (fp32) and 1.02 (bf16)
-of one GEMM's time. Every parallel region costs milliseconds on a machine whose cores are taken by
-other processes, and the token blocks multiply them (about ten per block): under load averages of
-5-10 the ratio grows to 1.2-1.5x (csrc/torch/layernorm_mlp.cpp has the block-size measurements).
+`make bench`, 2026-12-01, commit 2687bcc; README.md has the table): the op's time over the six GEMMs
+alone, fp32 1.001x (eager 1.08x), bf16 1.045x (eager 1.15x; 0.959x in the make bench of 5180730 the
+same day: the bf16 ratio moves with the machine's noise around the issue's 1.04x). Timed apart, its
+bf16 forward is 2.4 ms over the GEMMs' (its norm, activation and residual passes) and its backward
+2.7 ms (its passes, less what the weight-gradient GEMMs in their faster orientation save);
+recompute=True adds 1.04 (fp32) and 0.98 (bf16) of one GEMM's time. Every parallel region costs
+milliseconds on a machine whose cores are taken by other processes, and the token blocks multiply
+them (about ten per block): under load averages of 5-10 the ratio grows to 1.2-1.5x
+(csrc/torch/layernorm_mlp.cpp has the block-size measurements).
 On the CPU the forward's act is f of pre + bias in float32, the backward's f and f' are taken at
 pre + bias rounded to x's dtype (csrc/cpu/layernorm_mlp_act.h).
 
