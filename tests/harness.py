@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+import torch.utils._pytree
+import torch.utils._python_dispatch
 
 # Absolute floors per dtype: what rounding one stored value to T can cost near magnitude 1.
 ATOL = {
@@ -65,3 +67,19 @@ def backend_params(cpu=True, cuda=True, triton=True):
     if triton:
         params.append(pytest.param("triton", id="triton", marks=pytest.mark.triton))
     return params
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Under `with RecordOps() as rec:`, rec.calls lists (op, sizes) of every op dispatched, in order
+    (ATen's and fusedlm's alike), sizes the numel of each tensor the op returned. It keeps no tensor:
+    holding one would change what autograd copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves(out)
+        self.calls.append((func, tuple(t.numel() for t in leaves if isinstance(t, torch.Tensor))))
+        return out
