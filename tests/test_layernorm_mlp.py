@@ -120,8 +120,8 @@ def test_layernorm_mlp_cpu_weight_grad_orientation(monkeypatch, dtype, d, h, act
     """The backward computes a weight gradient whose width exceeds its height as the transposed
     product and transposes it into place (proj's when h > d, fc's when d > fc_out): here with more
     than 2^15 elements (the transpose's threaded path) and partial 16 x 128 tiles in both
-    directions, over two token blocks. (97, 600): proj's flipped; (300, 120): fc's; geglu's fc_out
-    = 240 flips fc's too."""
+    directions, over two token blocks (one block skips the flip). (97, 600): proj's flipped;
+    (300, 120): fc's; geglu's fc_out = 240 flips fc's too."""
     _require_cpu_kernel()
     monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", "20")
     _check("cpu", (37, d), h, dtype, activation=activation)

@@ -204,12 +204,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
     return m == 0 ? at::zeros(shape, o) : at::empty(shape, o);
   };
   // Each weight gradient a^T b (a, b: the block's (rows, p) and (rows, q) operands) is accumulated
-  // in the orientation whose GEMM output has the longer side as its rows, a flipped one as b^T a,
-  // (q, p), and transposed into place at the end (cpu::transpose): oneDNN's GEMM measured faster
-  // that way here, by far more than the transpose costs. 2048 token rows, two threads: d = 768,
-  // h = 3072: dproj_w as act^T dy 10.5 ms against 11.4 (bf16), 43.6 against 45.8 (fp32), its
-  // transpose 0.22 / 0.26 ms; d = 1024, h = 4096: 18.0 against 19.5 (bf16), 75.0 against 78.2 (fp32).
-  const bool flip_fc = d > fc_out, flip_proj = h > d;
+  // over two or more blocks in the orientation whose GEMM output has the longer side as its rows, a
+  // flipped one as b^T a, (q, p), and transposed into place at the end (cpu::transpose): there
+  // oneDNN's accumulating GEMMs measured faster by more than the transpose costs. One block (one
+  // GEMM) skips the flip. In the op, d = 768, h = 3072, two threads, the backward's time with the
+  // flip against without (paired A/B, 2026-12-01): bf16 one block (512, 2048 rows) 0.6, 0.3 ms
+  // slower, two blocks (4096) 0.7-1.4 ms faster, four (8192) 0.9 faster; fp32 one block 1.9, 1.0
+  // slower, two blocks 0.7-2.7 slower, eight (16384) 30 ms faster.
+  const bool flip_ok = num_blocks >= 2;
+  const bool flip_fc = flip_ok && d > fc_out, flip_proj = flip_ok && h > d;
   const auto shape = [](int64_t p, int64_t q, bool flip) {
     return flip ? std::vector<int64_t>{q, p} : std::vector<int64_t>{p, q};
   };
