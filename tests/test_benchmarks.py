@@ -2,6 +2,8 @@
 import json
 import math
 
+import os
+
 import pytest
 import torch
 
@@ -150,6 +152,23 @@ def test_profile_lists_each_providers_largest_entries(monkeypatch):
     entries = lines[head + 1:head + 4]
     assert len(entries) == 3 and any("native_layer_norm" in e for e in entries)
     assert "  fusedlm[x]: failed: RuntimeError: kernel exploded" in lines
+
+
+def test_paired_times_both_settings_and_restores_the_environment(monkeypatch, capsys):
+    """paired alternates A and B by round and leaves the switches as it found them."""
+    from fusedlm.benchmarks import paired
+
+    monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", "7")
+    assert paired.main(["--op", "layernorm_mlp", "--dtype", "fp32", "--shape", "40x32x64", "--mode", "backward",
+                        "--env", "FUSEDLM_LNMLP_FLIP=0,FUSEDLM_LNMLP_BLOCK_ROWS=16", "--rounds", "3",
+                        "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "40x32x64 float32 (cpu), fusedlm[cpu], backward, 3 paired rounds" in out
+    assert "B FUSEDLM_LNMLP_FLIP=0,FUSEDLM_LNMLP_BLOCK_ROWS=16: median" in out
+    assert "B - A per round: median" in out
+    assert os.environ["FUSEDLM_LNMLP_BLOCK_ROWS"] == "7" and "FUSEDLM_LNMLP_FLIP" not in os.environ
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        paired.main(["--op", "layernorm_mlp", "--env", "FUSEDLM_LNMLP_FLIP"])
 
 
 @pytest.mark.triton

@@ -128,6 +128,17 @@ def test_layernorm_mlp_cpu_weight_grad_orientation(monkeypatch, dtype, d, h, act
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flip,block_rows", [("1", "64"), ("0", "20")], ids=["flip-one-block", "no-flip-two-blocks"])
+def test_layernorm_mlp_cpu_weight_grad_orientation_forced(monkeypatch, dtype, flip, block_rows):
+    """FUSEDLM_LNMLP_FLIP overrides the orientation rule (flip only over two or more token blocks): a
+    flipped gradient from one block, and plain ones accumulated over two."""
+    _require_cpu_kernel()
+    monkeypatch.setenv("FUSEDLM_LNMLP_FLIP", flip)
+    monkeypatch.setenv("FUSEDLM_LNMLP_BLOCK_ROWS", block_rows)
+    _check("cpu", (37, 97), 600, dtype, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation,recompute", [("gelu_tanh", False), ("swiglu", True)])
 def test_layernorm_mlp_cpu_gpt2_width(dtype, activation, recompute):
     """d = 768, h = 3072 (GPT-2 small) in the default token blocks."""

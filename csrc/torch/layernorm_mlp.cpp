@@ -74,6 +74,12 @@ int64_t token_block(int64_t m, int64_t fc_out, int64_t elem_bytes) {
   return m <= rows + rows / 2 ? std::max<int64_t>(m, 1) : rows;
 }
 
+// An environment switch read on every call: "0" false, any other value true, unset `otherwise`.
+bool env_flag(const char* name, bool otherwise) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? otherwise : std::string(v) != "0";
+}
+
 cpu::Isa kernel_isa(const char* op) {
   cpu::Isa isa;
   const char* error = nullptr;
@@ -210,8 +216,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   // GEMM) skips the flip. In the op, d = 768, h = 3072, two threads, the backward's time with the
   // flip against without (paired A/B, 2026-12-01): bf16 one block (512, 2048 rows) 0.6, 0.3 ms
   // slower, two blocks (4096) 0.7-1.4 ms faster, four (8192) 0.9 faster; fp32 one block 1.9, 1.0
-  // slower, two blocks 0.7-2.7 slower, eight (16384) 30 ms faster.
-  const bool flip_ok = num_blocks >= 2;
+  // slower, two blocks 0.7-2.7 slower, eight (16384) 30 ms faster (`python -m fusedlm.benchmarks.paired
+  // --op layernorm_mlp --env FUSEDLM_LNMLP_FLIP=0` repeats such a pairing). FUSEDLM_LNMLP_FLIP (read on
+  // every call) forces it: 1 flips whenever the shape says so, 0 never.
+  const bool flip_ok = env_flag("FUSEDLM_LNMLP_FLIP", num_blocks >= 2);
   const bool flip_fc = flip_ok && d > fc_out, flip_proj = flip_ok && h > d;
   const auto shape = [](int64_t p, int64_t q, bool flip) {
     return flip ? std::vector<int64_t>{q, p} : std::vector<int64_t>{p, q};
