@@ -213,12 +213,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layernorm_mlp
   // over two or more blocks in the orientation whose GEMM output has the longer side as its rows, a
   // flipped one as b^T a, (q, p), and transposed into place at the end (cpu::transpose): there
   // oneDNN's accumulating GEMMs measured faster by more than the transpose costs. One block (one
-  // GEMM) skips the flip. In the op, d = 768, h = 3072, two threads, the backward's time with the
-  // flip against without (paired A/B, 2026-12-01): bf16 one block (512, 2048 rows) 0.6, 0.3 ms
-  // slower, two blocks (4096) 0.7-1.4 ms faster, four (8192) 0.9 faster; fp32 one block 1.9, 1.0
-  // slower, two blocks 0.7-2.7 slower, eight (16384) 30 ms faster (`python -m fusedlm.benchmarks.paired
-  // --op layernorm_mlp --env FUSEDLM_LNMLP_FLIP=0` repeats such a pairing). FUSEDLM_LNMLP_FLIP (read on
-  // every call) forces it: 1 flips whenever the shape says so, 0 never.
+  // GEMM) skips the flip. The backward with the flip against without, d = 768, h = 3072, two
+  // threads (`python -m fusedlm.benchmarks.paired --op layernorm_mlp --mode backward --env
+  // FUSEDLM_LNMLP_FLIP=...`, median per-round differences, 2026-12-01): bf16 512 rows (one block)
+  // 0.8 ms slower, 4096 (two blocks) 1.0 faster; fp32 512 rows 1.4 slower, 4096 4.5 faster, 16384
+  // (eight blocks) 26 faster. FUSEDLM_LNMLP_FLIP (read on every call) forces it: 1 flips whenever the
+  // shape says so, 0 never.
   const bool flip_ok = env_flag("FUSEDLM_LNMLP_FLIP", num_blocks >= 2);
   const bool flip_fc = flip_ok && d > fc_out, flip_proj = flip_ok && h > d;
   const auto shape = [](int64_t p, int64_t q, bool flip) {
