@@ -195,11 +195,6 @@ bool cpu_has_avx512_bf16() {
 
 namespace {
 
-int threads_for(int requested, int64_t elems, int64_t items) {
-  if (requested < 1 || elems < kMinParallelElems) return 1;
-  return int(std::min<int64_t>(requested, std::max<int64_t>(items, 1)));
-}
-
 // Outputs of at least this many bytes per call are written with non-temporal stores (when
 // aligned, see layer_norm_avx512.cpp): past about half the last-level cache an output is
 // mostly evicted before its reader runs, so caching it only costs the read-for-ownership

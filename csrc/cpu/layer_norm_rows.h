@@ -1,6 +1,6 @@
 // Internal to csrc/cpu: the element types and the row-kernel interface shared by the layer_norm
-// drivers (layer_norm.cpp) and its AVX-512 row kernels (layer_norm_avx512.cpp); FUSEDLM_X86 and
-// kMinParallelElems, which every CPU kernel file uses.
+// drivers (layer_norm.cpp) and its AVX-512 row kernels (layer_norm_avx512.cpp); FUSEDLM_X86,
+// kMinParallelElems and threads_for, which every CPU kernel file uses.
 #pragma once
 
 #include <algorithm>
@@ -19,6 +19,13 @@ namespace cpu {
 // Below this many elements an OpenMP parallel region costs more than it saves (the other threads
 // only wake and wait): every element-wise CPU pass runs on one thread below it.
 constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
+// Threads for a pass over `elems` elements in `units` independent pieces (rows, chunks, column
+// groups): one below kMinParallelElems, never more than the pieces.
+inline int threads_for(int requested, int64_t elems, int64_t units) {
+  if (requested < 1 || elems < kMinParallelElems) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>(requested, units)));
+}
 
 namespace rows {
 

@@ -107,12 +107,6 @@ namespace {
 using mlp::ActRows;
 using rows::bf16;
 
-// Threads for a pass over `elems` elements split into `units` pieces: one below kMinParallelElems.
-int threads_for(int requested, int64_t elems, int64_t units) {
-  if (requested < 1 || elems < kMinParallelElems) return 1;
-  return int(std::max<int64_t>(1, std::min<int64_t>(requested, units)));
-}
-
 // Thread t's share [begin, end) of n items cut into `units` units of `unit` items (the last one
 // shorter): contiguous whole units, as even as they go.
 void unit_range(int64_t units, int64_t unit, int64_t n, int nt, int t, int64_t* begin, int64_t* end) {
