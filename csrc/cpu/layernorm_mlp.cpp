@@ -252,7 +252,7 @@ template <typename Fn>
 void over_chunks(int64_t n0, int64_t n1, int num_threads, Fn fn) {
   constexpr int64_t kChunk = 4096;
   const int64_t c0 = (n0 + kChunk - 1) / kChunk, chunks = c0 + (n1 + kChunk - 1) / kChunk;
-  const int nt = (n0 + n1) < kMinParallelElems ? 1 : std::max(1, num_threads);
+  const int nt = threads_for(num_threads, n0 + n1, chunks);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int array = c < c0 ? 0 : 1;
@@ -290,7 +290,7 @@ template <typename T>
 void transpose_tiled(const T* src, int64_t rows, int64_t cols, T* dst, int num_threads) {
   constexpr int64_t kI = 16, kJ = 128;
   const int64_t ti = (rows + kI - 1) / kI, tiles = ti * ((cols + kJ - 1) / kJ);
-  const int nt = rows * cols < kMinParallelElems ? 1 : std::max(1, num_threads);
+  const int nt = threads_for(num_threads, rows * cols, tiles);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t i0 = (t % ti) * kI, j0 = (t / ti) * kJ;
